@@ -1,0 +1,1 @@
+"""Convert HF safetensors checkpoints to vlm-gym JAX checkpoints and back."""

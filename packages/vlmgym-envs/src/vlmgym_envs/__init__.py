@@ -1,0 +1,1 @@
+"""Environments and rewards for RL on vision-language models (pure Python, no JAX)."""

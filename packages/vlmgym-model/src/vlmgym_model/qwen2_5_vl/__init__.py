@@ -1,0 +1,1 @@
+"""Qwen2.5-VL: config, vision tower, text decoder, mRoPE."""

@@ -1,0 +1,1 @@
+"""GRPO-family reinforcement learning for vision-language models."""
