@@ -1,0 +1,182 @@
+"""The Qwen2.5-VL text decoder (Qwen2): weights and pure functions.
+
+What is notable here:
+- Decoder layers are stacked along a leading `layers` axis and run with `lax.scan`: one
+  compiled layer body whatever the depth, and rematerialisation per layer is one flag.
+- Attention is GQA with q/k/v biases and no o bias; it goes through `vlmgym_kernels`'
+  dispatch, so the implementation is picked by the caller (`impl`).
+- Norms, rotary and softmax statistics run in float32 whatever the weight dtype.
+- `lm_head` is absent (None) when config.json ties it to the token embedding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import vlmgym_kernels
+
+from vlmgym_model.qwen2_5_vl.config import TextConfig
+from vlmgym_model.qwen2_5_vl.rope import apply_rope
+from vlmgym_model.weights import ParamSpec
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecoderLayers:
+    """All decoder layers, stacked on a leading L axis."""
+
+    input_norm: jax.Array  # [L, D]
+    q_proj: jax.Array  # [L, D, N, H]
+    q_bias: jax.Array  # [L, N, H]
+    k_proj: jax.Array  # [L, D, K, H]
+    k_bias: jax.Array  # [L, K, H]
+    v_proj: jax.Array  # [L, D, K, H]
+    v_bias: jax.Array  # [L, K, H]
+    o_proj: jax.Array  # [L, N, H, D]
+    post_norm: jax.Array  # [L, D]
+    gate_proj: jax.Array  # [L, D, F]
+    up_proj: jax.Array  # [L, D, F]
+    down_proj: jax.Array  # [L, F, D]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TextWeights:
+    embed: jax.Array  # [V, D]
+    layers: DecoderLayers
+    norm: jax.Array  # [D]
+    lm_head: jax.Array | None  # [D, V], None when tied to `embed`
+
+
+def text_param_specs(cfg: TextConfig) -> TextWeights:
+    """The shape, logical axes and initialiser of every text weight."""
+    L, D, F, V = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    N, K, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    layers = DecoderLayers(
+        input_norm=ParamSpec((L, D), ("layers", "norm"), "ones"),
+        q_proj=ParamSpec((L, D, N, H), ("layers", "embed", "q_heads", "head_dim")),
+        q_bias=ParamSpec((L, N, H), ("layers", "q_heads", "head_dim"), "zeros"),
+        k_proj=ParamSpec((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim")),
+        k_bias=ParamSpec((L, K, H), ("layers", "kv_heads", "head_dim"), "zeros"),
+        v_proj=ParamSpec((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim")),
+        v_bias=ParamSpec((L, K, H), ("layers", "kv_heads", "head_dim"), "zeros"),
+        o_proj=ParamSpec((L, N, H, D), ("layers", "q_heads", "head_dim", "embed")),
+        post_norm=ParamSpec((L, D), ("layers", "norm"), "ones"),
+        gate_proj=ParamSpec((L, D, F), ("layers", "embed", "mlp")),
+        up_proj=ParamSpec((L, D, F), ("layers", "embed", "mlp")),
+        down_proj=ParamSpec((L, F, D), ("layers", "mlp", "embed")),
+    )
+    return TextWeights(
+        embed=ParamSpec((V, D), ("vocab", "embed")),
+        layers=layers,
+        norm=ParamSpec((D,), ("norm",), "ones"),
+        lm_head=None if cfg.tie_word_embeddings else ParamSpec((D, V), ("embed", "vocab")),
+    )
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm computed in float32, returned in x's dtype (HF's Qwen2RMSNorm)."""
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+    return weight * x.astype(dtype)
+
+
+def embed_tokens(weights: TextWeights, input_ids: jax.Array) -> jax.Array:
+    """int[B, T] -> [B, T, D] in the embedding's dtype."""
+    return jnp.take(weights.embed, input_ids, axis=0)  # [B, T, D]
+
+
+def attention_qkv(
+    layer: DecoderLayers, h: jax.Array, cos: jax.Array, sin: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Projections plus rotary: h [B, T, D] -> q [B, T, N, H], k and v [B, T, K, H]."""
+    q = jnp.einsum("BTD,DNH->BTNH", h, layer.q_proj) + layer.q_bias  # [B, T, N, H]
+    k = jnp.einsum("BTD,DKH->BTKH", h, layer.k_proj) + layer.k_bias  # [B, T, K, H]
+    v = jnp.einsum("BTD,DKH->BTKH", h, layer.v_proj) + layer.v_bias  # [B, T, K, H]
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def mlp(layer: DecoderLayers, h: jax.Array) -> jax.Array:
+    """SwiGLU: down(silu(gate(h)) * up(h)). h [B, T, D] -> [B, T, D]."""
+    gate = jnp.einsum("BTD,DF->BTF", h, layer.gate_proj)  # [B, T, F]
+    up = jnp.einsum("BTD,DF->BTF", h, layer.up_proj)  # [B, T, F]
+    return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, layer.down_proj)
+
+
+def decoder_layer(
+    layer: DecoderLayers,
+    x: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    segment_ids: jax.Array,
+    cfg: TextConfig,
+    impl: str,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """One pre-norm decoder layer over a whole sequence (prefill or training).
+
+    Args:
+      layer: one layer's weights (no leading L axis).
+      x: [B, T, D] residual stream.
+      cos, sin: float32[B, T, H] mRoPE tables.
+      segment_ids: int[B, T], 0 on padding.
+
+    Returns:
+      The new residual stream [B, T, D] and this layer's (k, v), each [B, T, K, H].
+    """
+    h = rms_norm(x, layer.input_norm, cfg.rms_norm_eps)
+    q, k, v = attention_qkv(layer, h, cos, sin)
+    attn = vlmgym_kernels.attention(
+        q, k, v, segment_ids, segment_ids, causal=True, impl=impl
+    )  # [B, T, N, H]
+    x = x + jnp.einsum("BTNH,NHD->BTD", attn, layer.o_proj)
+    x = x + mlp(layer, rms_norm(x, layer.post_norm, cfg.rms_norm_eps))
+    return x, (k, v)
+
+
+def decode_layers(
+    weights: TextWeights,
+    x: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    segment_ids: jax.Array,
+    cfg: TextConfig,
+    *,
+    impl: str = "xla",
+    remat: bool = False,
+    return_kv: bool = False,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """Run every decoder layer (scan over L) and the final norm.
+
+    Args:
+      x: [B, T, D] input embeddings.
+      cos, sin: float32[B, T, H]; segment_ids: int[B, T] (0 on padding).
+      remat: recompute each layer's activations in the backward pass.
+      return_kv: also return the stacked keys and values, each [L, B, T, K, H].
+
+    Returns:
+      Final-normed hidden states [B, T, D], and the KV stack or None.
+    """
+
+    def body(carry: jax.Array, layer: DecoderLayers) -> tuple[jax.Array, object]:
+        out, kv = decoder_layer(layer, carry, cos, sin, segment_ids, cfg, impl)
+        return out, (kv if return_kv else None)
+
+    if remat:
+        body = jax.checkpoint(body, prevent_cse=False)
+    x, kv = jax.lax.scan(body, x, weights.layers)
+    return rms_norm(x, weights.norm, cfg.rms_norm_eps), kv
+
+
+def output_projection(weights: TextWeights) -> jax.Array:
+    """The [D, V] matrix that maps hidden states to logits (tied or not)."""
+    return weights.embed.T if weights.lm_head is None else weights.lm_head
+
+
+def logits_from_hidden(weights: TextWeights, hidden: jax.Array) -> jax.Array:
+    """[B, T, D] -> float32[B, T, V]."""
+    return jnp.einsum(
+        "BTD,DV->BTV", hidden, output_projection(weights), preferred_element_type=jnp.float32
+    )
