@@ -22,13 +22,28 @@ from vlmgym_model import Qwen2_5_VLConfig, init_random_params, load_model, save_
 from vlmgym_model.checkpoint import flatten_params
 
 RAW = {
-    "model_type": "qwen2_5_vl", "vocab_size": 96, "hidden_size": 32, "intermediate_size": 48,
-    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-    "rope_scaling": {"type": "mrope", "mrope_section": [1, 2, 1]}, "tie_word_embeddings": False,
-    "image_token_id": 90, "video_token_id": 91, "vision_start_token_id": 92,
+    "model_type": "qwen2_5_vl",
+    "vocab_size": 96,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "rope_scaling": {"type": "mrope", "mrope_section": [1, 2, 1]},
+    "tie_word_embeddings": False,
+    "image_token_id": 90,
+    "video_token_id": 91,
+    "vision_start_token_id": 92,
     "vision_end_token_id": 93,
-    "vision_config": {"depth": 2, "hidden_size": 16, "intermediate_size": 24, "num_heads": 2,
-                      "out_hidden_size": 32, "fullatt_block_indexes": [1], "in_chans": 3},
+    "vision_config": {
+        "depth": 2,
+        "hidden_size": 16,
+        "intermediate_size": 24,
+        "num_heads": 2,
+        "out_hidden_size": 32,
+        "fullatt_block_indexes": [1],
+        "in_chans": 3,
+    },
 }
 
 
@@ -69,8 +84,9 @@ def test_roundtrip_is_exact_and_copies_side_files(hf_dir, tmp_path):
 
 @pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float16])
 def test_reads_half_precision_and_keeps_it(hf_dir, tmp_path, dtype):
-    src = write_variant(hf_dir, tmp_path / "half", lambda t: t.update(
-        {k: v.astype(dtype) for k, v in t.items()}))
+    src = write_variant(
+        hf_dir, tmp_path / "half", lambda t: t.update({k: v.astype(dtype) for k, v in t.items()})
+    )
     hf_to_jax(src, tmp_path / "m", progress=False)
     _, params = load_model(tmp_path / "m", dtype=jnp.float32)
     ref = tensors(hf_dir)["model.embed_tokens.weight"].astype(dtype).astype(np.float32)
@@ -86,10 +102,18 @@ def test_reads_sharded_checkpoints_and_new_style_names(hf_dir, tmp_path):
     (out / "config.json").write_text((hf_dir / "config.json").read_text())
     names = sorted(t)
     # transformers >= 4.52 module names, split over two shards with an index
-    renamed = {("model.language_model." + k[6:] if k.startswith("model.") else
-                "model." + k if k.startswith("visual.") else k): t[k] for k in names}
+    renamed = {
+        (
+            "model.language_model." + k[6:]
+            if k.startswith("model.")
+            else "model." + k
+            if k.startswith("visual.")
+            else k
+        ): t[k]
+        for k in names
+    }
     keys = sorted(renamed)
-    halves = {"a.safetensors": keys[: len(keys) // 2], "b.safetensors": keys[len(keys) // 2:]}
+    halves = {"a.safetensors": keys[: len(keys) // 2], "b.safetensors": keys[len(keys) // 2 :]}
     for fname, ks in halves.items():
         write_safetensors(out / fname, {k: renamed[k] for k in ks})
     index = {"weight_map": {k: f for f, ks in halves.items() for k in ks}}
@@ -130,8 +154,11 @@ def test_tied_checkpoints_may_omit_or_carry_lm_head(hf_dir, tmp_path):
     cfg = json.loads((hf_dir / "config.json").read_text())
     cfg["tie_word_embeddings"] = True
     for carry in (False, True):
-        d = write_variant(hf_dir, tmp_path / f"tied{carry}", lambda t, c=carry: (
-            None if c else t.pop("lm_head.weight")))
+        d = write_variant(
+            hf_dir,
+            tmp_path / f"tied{carry}",
+            lambda t, c=carry: None if c else t.pop("lm_head.weight"),
+        )
         (d / "config.json").write_text(json.dumps(cfg))
         hf_to_jax(d, tmp_path / f"m{carry}", progress=False)
         _, params = load_model(tmp_path / f"m{carry}", dtype=jnp.float32)
@@ -152,7 +179,7 @@ def test_load_refuses_params_that_do_not_match_config(hf_dir, tmp_path):
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     cfg["intermediate_size"] = 40
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="text.layers.gate_proj: stored"):
+    with pytest.raises(ValueError, match=r"text\.layers\.gate_proj: stored"):
         load_model(tmp_path / "m")
 
 
@@ -161,8 +188,21 @@ def test_cli_both_ways(hf_dir, tmp_path, capsys):
     assert "2 text layers" in capsys.readouterr().out
     assert main(["--hf_dir", str(hf_dir), "--model_dir", str(tmp_path / "m")]) == 2
     assert "--force" in capsys.readouterr().err
-    assert main(["--to", "hf", "--model_dir", str(tmp_path / "m"),
-                 "--hf_dir", str(tmp_path / "out"), "--dtype", "bfloat16"]) == 0
+    assert (
+        main(
+            [
+                "--to",
+                "hf",
+                "--model_dir",
+                str(tmp_path / "m"),
+                "--hf_dir",
+                str(tmp_path / "out"),
+                "--dtype",
+                "bfloat16",
+            ]
+        )
+        == 0
+    )
     f = SafetensorsFile(tmp_path / "out" / "model.safetensors")
     assert f.dtype("lm_head.weight") == ml_dtypes.bfloat16
     flat = flatten_params(load_model(tmp_path / "m", dtype=jnp.float32)[1])

@@ -51,7 +51,7 @@ def test_to_hf_dict_round_trips():
 def test_from_file_reads_a_model_dir(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(load("qwen2_5_vl_7b.json")))
     assert Qwen2_5_VLConfig.from_file(tmp_path).text.num_hidden_layers == 28
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(FileNotFoundError, match=r"no config\.json"):
         Qwen2_5_VLConfig.from_file(tmp_path / "nope")
     (tmp_path / "bad" / "config.json").parent.mkdir()
     (tmp_path / "bad" / "config.json").write_text("{not json")

@@ -10,10 +10,10 @@ import sys
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from vlmgym_model import forward, load_model, make_mesh  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from vlmgym_model import forward, load_model, make_mesh
 
 
 def main() -> None:
@@ -24,8 +24,11 @@ def main() -> None:
     with jax.default_matmul_precision("highest"):
         config, params = load_model(model_dir, dtype=jnp.float32, mesh=mesh)
         shardings = {str(a.sharding.spec) for a in jax.tree.leaves(params)}
-        sharded = [a for a in jax.tree.leaves(params) if len(a.sharding.device_set) == 8
-                   and not a.sharding.is_fully_replicated]
+        sharded = [
+            a
+            for a in jax.tree.leaves(params)
+            if len(a.sharding.device_set) == 8 and not a.sharding.is_fully_replicated
+        ]
         assert sharded, f"nothing was sharded: {shardings}"
         logits = np.asarray(forward(params, config, data["ids"], data["mask"]))
     diff = float(np.abs(logits - data["logits"])[data["mask"] == 1].max())

@@ -28,7 +28,10 @@ def test_sharded_forward_matches_single_device(converted, tol, tmp_path, fsdp, t
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), str(m.model_dir), str(inputs), str(fsdp), str(tensor)],
-        capture_output=True, text=True, env=env, timeout=600,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     found = re.search(r"max_abs_diff=(\S+) sharded_arrays=(\d+)", proc.stdout)

@@ -26,8 +26,10 @@ class ConvertArgs:
     )
     hf_repo: str | None = dataclasses.field(
         default=None,
-        metadata={"help": "hub id to download instead of --hf_dir, e.g. "
-                  "Qwen/Qwen2.5-VL-7B-Instruct (needs network access)"},
+        metadata={
+            "help": "hub id to download instead of --hf_dir, e.g. "
+            "Qwen/Qwen2.5-VL-7B-Instruct (needs network access)"
+        },
     )
     revision: str | None = dataclasses.field(default=None, metadata={"help": "hub revision"})
     to: Literal["jax", "hf"] = dataclasses.field(

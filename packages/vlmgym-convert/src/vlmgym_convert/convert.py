@@ -22,7 +22,12 @@ from vlmgym_model.qwen2_5_vl.model import param_specs
 from vlmgym_model.weights import is_spec
 
 from vlmgym_convert.mapping import Rule, canonical_hf_name, hf_shape, rules, to_hf, to_ours
-from vlmgym_convert.safetensors_io import DTYPES, SafetensorsFile, open_checkpoint, write_safetensors
+from vlmgym_convert.safetensors_io import (
+    DTYPES,
+    SafetensorsFile,
+    open_checkpoint,
+    write_safetensors,
+)
 
 DEFAULT_SHARD_BYTES = 4 * 1024**3
 
@@ -40,8 +45,14 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
 def _dtype(name: str | None) -> np.dtype | None:
     if name is None:
         return None
-    table = {"bfloat16": "BF16", "bf16": "BF16", "float16": "F16", "fp16": "F16",
-             "float32": "F32", "fp32": "F32"}
+    table = {
+        "bfloat16": "BF16",
+        "bf16": "BF16",
+        "float16": "F16",
+        "fp16": "F16",
+        "float32": "F32",
+        "fp32": "F32",
+    }
     if name.lower() not in table:
         raise ValueError(f"dtype must be one of {sorted(table)}, got {name!r}")
     return DTYPES[table[name.lower()]]
@@ -249,4 +260,3 @@ def download_hf_repo(repo_id: str, revision: str | None = None) -> Path:
         allow_patterns=["*.safetensors", "*.json", "*.jinja", "merges.txt", "vocab.json"],
     )
     return Path(path)
-

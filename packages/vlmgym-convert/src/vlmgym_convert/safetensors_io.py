@@ -69,7 +69,7 @@ class SafetensorsFile:
                     f"shape {info['shape']} and dtype {info['dtype']} (file truncated?)"
                 )
 
-    def keys(self) -> list[str]:
+    def names(self) -> list[str]:
         return list(self._header)
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -103,7 +103,7 @@ def open_checkpoint(hf_dir: str | Path) -> dict[str, SafetensorsFile]:
                         f"{index} lists shard {filename}, which is not in {hf_dir}"
                     )
                 files[filename] = SafetensorsFile(hf_dir / filename)
-            if name not in files[filename].keys():
+            if name not in files[filename].names():
                 raise SafetensorsError(f"{index} maps {name!r} to {filename}, which lacks it")
             out[name] = files[filename]
         return out
@@ -113,14 +113,12 @@ def open_checkpoint(hf_dir: str | Path) -> dict[str, SafetensorsFile]:
         shards = [single]
     if not shards:
         bins = sorted(hf_dir.glob("*.bin"))
-        hint = (
-            " (found PyTorch .bin files; re-save the model with safetensors)" if bins else ""
-        )
+        hint = " (found PyTorch .bin files; re-save the model with safetensors)" if bins else ""
         raise FileNotFoundError(f"no .safetensors files in {hf_dir}{hint}")
     out = {}
     for path in shards:
         f = SafetensorsFile(path)
-        for name in f.keys():
+        for name in f.names():
             if name in out:
                 raise SafetensorsError(f"tensor {name!r} appears in {out[name].path} and {path}")
             out[name] = f
@@ -128,7 +126,8 @@ def open_checkpoint(hf_dir: str | Path) -> dict[str, SafetensorsFile]:
 
 
 def write_safetensors(
-    path: str | Path, tensors: Iterator[tuple[str, np.ndarray]] | Mapping[str, np.ndarray],
+    path: str | Path,
+    tensors: Iterator[tuple[str, np.ndarray]] | Mapping[str, np.ndarray],
     metadata: Mapping[str, str] | None = None,
 ) -> None:
     """Write tensors to one .safetensors file (header first, then each tensor's bytes)."""

@@ -383,9 +383,7 @@ def _vision_config_from_hf(raw: Mapping[str, Any]) -> VisionConfig:
         out_hidden_size=_pick(raw, "out_hidden_size", default=defaults.out_hidden_size),
         patch_size=_pick(raw, "patch_size", "spatial_patch_size", default=defaults.patch_size),
         spatial_merge_size=_pick(raw, "spatial_merge_size", default=defaults.spatial_merge_size),
-        temporal_patch_size=_pick(
-            raw, "temporal_patch_size", default=defaults.temporal_patch_size
-        ),
+        temporal_patch_size=_pick(raw, "temporal_patch_size", default=defaults.temporal_patch_size),
         window_size=_pick(raw, "window_size", default=defaults.window_size),
         fullatt_block_indexes=tuple(
             _pick(raw, "fullatt_block_indexes", default=defaults.fullatt_block_indexes)

@@ -10,6 +10,7 @@ the text width.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 
@@ -79,4 +80,26 @@ def vision_param_specs(cfg: VisionConfig) -> VisionWeights:
         merger_fc1_bias=ParamSpec((M,), ("merger_hidden",), "zeros"),
         merger_fc2=ParamSpec((M, cfg.out_hidden_size), ("merger_hidden", "embed")),
         merger_fc2_bias=ParamSpec((cfg.out_hidden_size,), ("norm",), "zeros"),
+    )
+
+
+def encode_images(
+    weights: VisionWeights,
+    cfg: VisionConfig,
+    pixel_values: Any,
+    image_grid_thw: Any,
+    *,
+    impl: str = "xla",
+) -> jax.Array:
+    """The vision tower: patches of every image -> merged features in the text width.
+
+    Args:
+      pixel_values: float32[P, C * T * p * p], HF's patch order.
+      image_grid_thw: int[n_images, 3] (t, h, w) in patches.
+
+    Returns:
+      float32[P // merge_unit, out_hidden_size] (M merged tokens, images in order).
+    """
+    raise NotImplementedError(
+        "the Qwen2.5-VL vision tower's forward pass is not implemented yet; pass text-only inputs"
     )
