@@ -1,1 +1,40 @@
-"""Environments and rewards for RL on vision-language models (pure Python, no JAX)."""
+"""Environments and rewards for RL on vision-language models (pure Python, no JAX).
+
+    import vlmgym_envs
+    env = vlmgym_envs.make("shapes")  # also osv5m (geoguessr), nlvr2, caption (vision)
+    state, obs = env.reset(0)  # obs.messages: HF chat messages with PIL images
+    result = env.step(state, "red")  # StepResult(reward, done, info, observation, state)
+
+Importing this package loads no dataset, table or heavy dependency; each environment module
+is imported by `make` on first use.
+"""
+
+from vlmgym_envs.archives import DataError, UnsafeArchiveError, extract_zip
+from vlmgym_envs.core import (
+    Env,
+    Message,
+    Observation,
+    StepResult,
+    as_text,
+    system_message,
+    user_message,
+)
+from vlmgym_envs.registry import available, make, register, resolve, unregister
+
+__all__ = [
+    "DataError",
+    "Env",
+    "Message",
+    "Observation",
+    "StepResult",
+    "UnsafeArchiveError",
+    "as_text",
+    "available",
+    "extract_zip",
+    "make",
+    "register",
+    "resolve",
+    "system_message",
+    "unregister",
+    "user_message",
+]

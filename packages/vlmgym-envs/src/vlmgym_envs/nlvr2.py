@@ -1,0 +1,153 @@
+"""`nlvr2`: two images and a statement; is the statement true?
+
+Data: the `HuggingFaceM4/NLVR2` layout (DATA.md): columns `identifier`, `sentence`,
+`left_image`, `right_image` (HF Image structs), `label` (0 = "True", 1 = "False"),
+`directory`. Read from parquet files under `data_dir` (`tables.find_split_files`), from a
+`datasets.save_to_disk` folder (needs the `datasets` library), or, without `data_dir`, from
+the dataset's parquet files in the Hugging Face hub cache.
+
+Reward: 1.0 when the answer read (`answers.parse_bool`: true/false/yes/no) equals the label,
+else 0.0. An ambiguous answer (both polarities) scores 0, sets `info["ambiguous"]` and is
+counted in `NLVR2Env.ambiguous_count`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from vlmgym_envs.answers import parse_bool
+from vlmgym_envs.archives import DataError
+from vlmgym_envs.core import Env, Observation, StepResult, system_message, user_message
+from vlmgym_envs.osv5m import hub_cache_dirs
+from vlmgym_envs.tables import ParquetRows, find_split_files, load_from_disk_rows
+
+HUB_REPO = "HuggingFaceM4/NLVR2"
+TEXT_COLUMNS: tuple[str, ...] = ("identifier", "sentence", "label")
+IMAGE_COLUMNS: tuple[str, ...] = ("left_image", "right_image")
+LABEL_NAMES: tuple[str, ...] = ("True", "False")  # the ClassLabel names: 0 means True
+
+NLVR2_PROMPT = (
+    "The first image is the left image and the second is the right image.\n"
+    'Statement: "{sentence}"\n'
+    "Is the statement true or false for this pair of images? Answer with one word: true or "
+    "false."
+)
+
+
+def _hub_parquet_root(split: str) -> Path:
+    folder = "datasets--" + HUB_REPO.replace("/", "--")
+    for cache in hub_cache_dirs():
+        snapshots = cache / folder / "snapshots"
+        if snapshots.is_dir():
+            for snapshot in sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime)[::-1]:
+                if find_split_files(snapshot, split):
+                    return snapshot
+    raise DataError(
+        f"no data_dir given and no parquet files of {HUB_REPO} split {split!r} in the hub "
+        f"cache ({', '.join(str(d) for d in hub_cache_dirs())})"
+    )
+
+
+class _DatasetRows:
+    """A `datasets.Dataset` seen through the `ParquetRows` interface."""
+
+    def __init__(self, data: Any) -> None:
+        missing = [c for c in [*TEXT_COLUMNS, *IMAGE_COLUMNS] if c not in data.column_names]
+        if missing:
+            raise DataError(f"dataset lacks column(s) {missing}")
+        self.data = data
+        self.columns = {c: list(data[c]) for c in TEXT_COLUMNS}
+        self.num_rows = len(data)
+
+    def images(self, row: int, max_side: int | None = None) -> list[Image.Image]:
+        record = self.data[row]
+        out = []
+        for c in IMAGE_COLUMNS:
+            image = record[c]
+            if not isinstance(image, Image.Image):
+                raise DataError(f"row {row}: column {c!r} is not an image")
+            image = image.convert("RGB")
+            if max_side is not None and max(image.size) > max_side:
+                image.thumbnail((max_side, max_side))
+            out.append(image)
+        return out
+
+
+@dataclass(frozen=True)
+class NLVR2State:
+    idx: int
+    identifier: str
+    sentence: str
+    label: bool  # the truth of the statement
+
+
+class NLVR2Env(Env[NLVR2State]):
+    """NLVR2 (see the module docstring). Rows with an unknown label are skipped and counted
+    in `skipped`."""
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str] | None = None,
+        split: str = "validation",
+        *,
+        max_image_side: int | None = None,
+        max_rows: int | None = None,
+        system_prompt: str | None = None,
+    ) -> None:
+        root = Path(data_dir) if data_dir is not None else _hub_parquet_root(split)
+        if (root / "dataset_info.json").exists() or (root / "dataset_dict.json").exists():
+            self.rows: ParquetRows | _DatasetRows = _DatasetRows(load_from_disk_rows(root, split))
+        else:
+            files = find_split_files(root, split)
+            if not files:
+                raise DataError(f"no parquet files for split {split!r} under {root}")
+            self.rows = ParquetRows(files, TEXT_COLUMNS, IMAGE_COLUMNS)
+        self.skipped: dict[str, int] = {}
+        self.index: list[int] = []
+        for i, label in enumerate(self.rows.columns["label"]):
+            if max_rows is not None and len(self.index) >= max_rows:
+                break
+            if label in (0, 1):
+                self.index.append(i)
+            else:
+                self.skipped["bad label"] = self.skipped.get("bad label", 0) + 1
+        if not self.index:
+            raise DataError(f"split {split!r} under {root} has no usable rows ({self.skipped})")
+        self.max_image_side = max_image_side
+        self.system_prompt = system_prompt
+        self.ambiguous_count = 0
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def reset(self, idx: int) -> tuple[NLVR2State, Observation]:
+        i = self.check_index(idx)
+        row = self.index[i]
+        columns = self.rows.columns
+        sentence = str(columns["sentence"][row] or "")
+        state = NLVR2State(i, str(columns["identifier"][row]), sentence, columns["label"][row] == 0)
+        images = self.rows.images(row, self.max_image_side)
+        messages = [user_message(NLVR2_PROMPT.format(sentence=sentence), images)]
+        if self.system_prompt:
+            messages.insert(0, system_message(self.system_prompt))
+        return state, Observation(messages)
+
+    def step(self, state: NLVR2State, text: str) -> StepResult[NLVR2State]:
+        answer = parse_bool(text)
+        if answer.ambiguous:
+            self.ambiguous_count += 1
+        correct = answer.value is not None and answer.value == state.label
+        info: dict[str, Any] = {
+            "answer": answer.value,
+            "label": state.label,
+            "correct": correct,
+            "ambiguous": answer.ambiguous,
+        }
+        if answer.reason:
+            info["parse_error"] = answer.reason
+        return StepResult(reward=float(correct), done=True, info=info)

@@ -1,0 +1,111 @@
+"""Parquet tables in the Hugging Face `datasets` layout, read row group by row group.
+
+HF parquet stores an `Image` feature as a struct `{"bytes": binary, "path": string}`. A
+`ParquetRows` reads the small columns of every file once, and image columns only for the
+row group holding the requested row (the last row group read is cached), so a split is
+never loaded into memory whole.
+
+Split files are found as HF publishes them: `<root>/<split>-*.parquet`,
+`<root>/data/<split>-*.parquet`, `<root>/<split>/*.parquet` or `<root>/**/<split>*.parquet`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from vlmgym_envs.archives import DataError, decode_image
+
+
+def find_split_files(root: str | os.PathLike[str], split: str) -> list[Path]:
+    """The parquet files of `split` under `root` (see the module docstring), sorted."""
+    base = Path(root)
+    if base.is_file():
+        return [base]
+    patterns = [f"{split}-*.parquet", f"data/{split}-*.parquet", f"{split}/*.parquet",
+                f"**/{split}-*.parquet", f"**/{split}/*.parquet",
+                f"**/{split}.parquet"]  # fmt: skip
+    for pattern in patterns:
+        files = sorted(p for p in base.glob(pattern) if p.is_file())
+        if files:
+            return files
+    return []
+
+
+class ParquetRows:
+    """Rows of one split's parquet files: small columns in memory, images on demand."""
+
+    def __init__(self, files: Sequence[Path], columns: Sequence[str], image_columns: Sequence[str]):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not files:
+            raise DataError("no parquet files given")
+        self.files = list(files)
+        self.image_columns = list(image_columns)
+        self.columns: dict[str, list[Any]] = {c: [] for c in columns}
+        self._groups: list[tuple[int, int]] = []  # (file index, row group) per group
+        self._starts: list[int] = []  # first global row of each group
+        total = 0
+        for fi, path in enumerate(self.files):
+            try:
+                pf = pq.ParquetFile(path)
+            except (pa.ArrowInvalid, OSError) as e:
+                raise DataError(f"cannot read parquet file {path}: {e}") from e
+            names = pf.schema_arrow.names
+            missing = [c for c in [*columns, *image_columns] if c not in names]
+            if missing:
+                raise DataError(f"{path} lacks column(s) {missing}; it has {names}")
+            table = pf.read(columns=list(columns))
+            for c in columns:
+                self.columns[c].extend(table[c].to_pylist())
+            for g in range(pf.num_row_groups):
+                self._groups.append((fi, g))
+                self._starts.append(total)
+                total += pf.metadata.row_group(g).num_rows
+        self.num_rows = total
+        self._cache: tuple[int, dict[str, list[Any]]] | None = None
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def images(self, row: int, max_side: int | None = None) -> list[Image.Image]:
+        """The decoded images of `row`, one per image column (`DataError` if corrupt)."""
+        import pyarrow.parquet as pq
+
+        g = bisect.bisect_right(self._starts, row) - 1
+        if self._cache is None or self._cache[0] != g:
+            fi, group = self._groups[g]
+            table = pq.ParquetFile(self.files[fi]).read_row_group(group, columns=self.image_columns)
+            self._cache = (g, {c: table[c].to_pylist() for c in self.image_columns})
+        values = self._cache[1]
+        out = []
+        for c in self.image_columns:
+            cell = values[c][row - self._starts[g]]
+            data = cell.get("bytes") if isinstance(cell, dict) else cell
+            if not isinstance(data, bytes | bytearray) or not data:
+                raise DataError(f"row {row}: column {c!r} holds no image bytes")
+            out.append(decode_image(bytes(data), f"row {row} column {c!r}", max_side))
+        return out
+
+
+def load_from_disk_rows(path: str | os.PathLike[str], split: str | None) -> Any:
+    """A split saved with `datasets`' `save_to_disk`; needs the `datasets` library."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise DataError(
+            f"{path} looks like a `datasets` save_to_disk folder; reading it needs the "
+            "`datasets` library (pip install datasets), or export the split to parquet"
+        ) from e
+    data = datasets.load_from_disk(str(path))
+    if isinstance(data, datasets.DatasetDict):
+        if split is None or split not in data:
+            raise DataError(f"{path} has splits {list(data)}, not {split!r}")
+        data = data[split]
+    return data
