@@ -1,47 +1,71 @@
-"""Qwen2.5-VL in JAX: config, weights, forward pass, checkpoints and sharding rules.
+"""Qwen2.5-VL in JAX: config, weights, forward pass, processor, sampler, checkpoints, sharding.
 
-Public API:
-- `load_model(model_dir, dtype, mesh, rules) -> (config, params)`
+Public API (imported lazily, so `import vlmgym_model` does no work and pulls in JAX only
+when a JAX-backed name is first used):
+- `load_model(model_dir, dtype, mesh, rules) -> (config, params)`, `save_model`
 - `forward(params, config, input_ids, attention_mask, pixel_values, image_grid_thw)`
 - `Qwen2_5_VLConfig` (+ `TextConfig`, `VisionConfig`), read from HF's config.json
+- `Processor` (tokenizer + chat template + images), `preprocess_images`
+- `Sampler`, `SamplingParams`: batched generation with a KV cache and group sampling
 - `ShardingRules`, `make_mesh`: logical axes -> the ("data", "fsdp", "tensor") mesh
 """
 
-from vlmgym_model.checkpoint import load_model, load_params, save_model, save_params
-from vlmgym_model.qwen2_5_vl.config import (
-    ConfigError,
-    Qwen2_5_VLConfig,
-    TextConfig,
-    VisionConfig,
-)
-from vlmgym_model.qwen2_5_vl.model import (
-    Qwen2_5_VLWeights,
-    forward,
-    init_random_params,
-    param_specs,
-)
-from vlmgym_model.qwen2_5_vl.rope import get_rope_index
-from vlmgym_model.sharding import MESH_AXES, ShardingRules, make_mesh
-from vlmgym_model.weights import ParamSpec, abstract_params, param_shardings
+from __future__ import annotations
 
-__all__ = [
-    "MESH_AXES",
-    "ConfigError",
-    "ParamSpec",
-    "Qwen2_5_VLConfig",
-    "Qwen2_5_VLWeights",
-    "ShardingRules",
-    "TextConfig",
-    "VisionConfig",
-    "abstract_params",
-    "forward",
-    "get_rope_index",
-    "init_random_params",
-    "load_model",
-    "load_params",
-    "make_mesh",
-    "param_shardings",
-    "param_specs",
-    "save_model",
-    "save_params",
-]
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    # checkpoints
+    "load_model": "vlmgym_model.checkpoint",
+    "load_params": "vlmgym_model.checkpoint",
+    "save_model": "vlmgym_model.checkpoint",
+    "save_params": "vlmgym_model.checkpoint",
+    # config
+    "ConfigError": "vlmgym_model.qwen2_5_vl.config",
+    "Qwen2_5_VLConfig": "vlmgym_model.qwen2_5_vl.config",
+    "TextConfig": "vlmgym_model.qwen2_5_vl.config",
+    "VisionConfig": "vlmgym_model.qwen2_5_vl.config",
+    # model
+    "Qwen2_5_VLWeights": "vlmgym_model.qwen2_5_vl.model",
+    "forward": "vlmgym_model.qwen2_5_vl.model",
+    "forward_tokens": "vlmgym_model.qwen2_5_vl.model",
+    "init_random_params": "vlmgym_model.qwen2_5_vl.model",
+    "param_specs": "vlmgym_model.qwen2_5_vl.model",
+    "get_rope_index": "vlmgym_model.qwen2_5_vl.rope",
+    # processing
+    "Processor": "vlmgym_model.processing",
+    "compile_chat_template": "vlmgym_model.processing",
+    "load_chat_template": "vlmgym_model.processing",
+    "ImageProcessor": "vlmgym_model.qwen2_5_vl.image_processing",
+    "ImageProcessorConfig": "vlmgym_model.qwen2_5_vl.image_processing",
+    "preprocess_images": "vlmgym_model.qwen2_5_vl.image_processing",
+    "smart_resize": "vlmgym_model.qwen2_5_vl.image_processing",
+    # sampling
+    "Generation": "vlmgym_model.sampling",
+    "Sample": "vlmgym_model.sampling",
+    "Sampler": "vlmgym_model.sampling",
+    "SamplingParams": "vlmgym_model.sampling",
+    # sharding and weights
+    "MESH_AXES": "vlmgym_model.sharding",
+    "ShardingRules": "vlmgym_model.sharding",
+    "make_mesh": "vlmgym_model.sharding",
+    "ParamSpec": "vlmgym_model.weights",
+    "abstract_params": "vlmgym_model.weights",
+    "param_shardings": "vlmgym_model.weights",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vlmgym_model' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
