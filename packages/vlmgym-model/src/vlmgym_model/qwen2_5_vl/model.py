@@ -97,17 +97,28 @@ def embed_inputs(
 
 
 @functools.partial(jax.jit, static_argnames=("config", "impl"))
-def _forward(
+def forward_tokens(
     params: Qwen2_5_VLWeights,
     input_ids: jax.Array,
     segment_ids: jax.Array,
     positions: jax.Array,
-    image_features: jax.Array | None,
-    image_index: tuple[jax.Array, jax.Array] | None,
+    image_features: jax.Array | None = None,
+    image_index: tuple[jax.Array, jax.Array] | None = None,
     *,
     config: Qwen2_5_VLConfig,
-    impl: str,
+    impl: str = "xla",
 ) -> jax.Array:
+    """The jitted core of `forward`, with everything explicit (no host-side derivation).
+
+    Args:
+      input_ids: int[B, T]; segment_ids: int[B, T] (0 on padding); positions: int[3, B, T].
+      image_features: [M, D] merged vision features and image_index (rows, cols) int[M]
+        each: where they go. Tokens are never re-read as image placeholders here, so a
+        completion that happens to contain the placeholder id is safe to score.
+
+    Returns:
+      float32[B, T, V] logits.
+    """
     x = embed_inputs(params.text, input_ids, image_features, image_index)  # [B, T, D]
     cos, sin = mrope_cos_sin(positions, config.text)  # [B, T, H]
     hidden, _ = text.decode_layers(params.text, x, cos, sin, segment_ids, config.text, impl=impl)
@@ -169,7 +180,7 @@ def forward(
         )  # [M, D]
         rows, cols = np.nonzero(ids == config.image_token_id)
         index = (jnp.asarray(rows, jnp.int32), jnp.asarray(cols, jnp.int32))
-    return _forward(
+    return forward_tokens(
         params,
         jnp.asarray(ids, jnp.int32),
         jnp.asarray(mask != 0, jnp.int32),

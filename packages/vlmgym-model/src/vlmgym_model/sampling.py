@@ -1,0 +1,571 @@
+"""The sampling engine: batched multimodal generation with a KV cache and group sampling.
+
+This engine produces every rollout the trainer learns from. What it does:
+
+1. Prompts (token ids from the `Processor`, images as `pixel_values`) are LEFT-padded to a
+   length bucket and the batch is padded to a batch bucket, so calls whose shapes fall in
+   the same buckets reuse one compiled program (`Sampler.compilations` counts them).
+2. The vision tower encodes the images; one prefill per prompt fills the KV cache; the
+   prompt's cache rows are copied to its `num_samples` samples (group sampling).
+3. One jitted `lax.while_loop` decodes until every row has produced a stop token or
+   `max_new_tokens`; the cache buffer is donated and updated in place.
+
+Each `Sample` carries two log-probs per token (both float32):
+
+* `logprobs`: under the UNTEMPERED policy, log softmax(logits)[token]. This is what the
+  trainer's importance ratios need (the behaviour policy's log-prob of the action).
+* `sampling_logprobs`: under the distribution the token was actually drawn from, after
+  temperature, top-k, top-p and min-p (0 for greedy decoding).
+
+Tokens after a row's first stop token are neither returned nor counted; the stop token
+itself is the last returned token (finish reason "stop"). A row that reaches
+`max_new_tokens` first finishes with "length".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlmgym_model.qwen2_5_vl import vision
+from vlmgym_model.qwen2_5_vl.config import Qwen2_5_VLConfig
+from vlmgym_model.qwen2_5_vl.decoding import KVCache, decode_step, prefill
+from vlmgym_model.qwen2_5_vl.model import Qwen2_5_VLWeights, check_image_placeholders
+from vlmgym_model.qwen2_5_vl.model import embed_inputs as _embed_inputs
+from vlmgym_model.qwen2_5_vl.rope import get_rope_index
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to sample. `temperature=0` is greedy decoding."""
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    min_p: float = 0.0  # 0: off
+    num_samples: int = 1  # samples per prompt (a GRPO group)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p < 1:
+            raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclasses.dataclass
+class Sample:
+    """One completion. Arrays cover the generated tokens only, up to and including stop."""
+
+    prompt_index: int
+    tokens: np.ndarray  # int32[n]
+    logprobs: np.ndarray  # float32[n], untempered policy
+    sampling_logprobs: np.ndarray  # float32[n], the distribution actually sampled from
+    finish_reason: FinishReason
+    text: str = ""
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+
+@dataclasses.dataclass
+class Generation:
+    """The result of one `Sampler.generate` call.
+
+    `samples[i]` holds the `num_samples` samples of prompt i. The prompt side (ids, mask,
+    mRoPE positions and the rope deltas of each prompt, unpadded by the batch bucket but
+    left-padded to the length bucket) is kept so a trainer can rebuild the full sequences.
+    """
+
+    samples: list[list[Sample]]
+    prompt_ids: np.ndarray  # int32[B, T], left-padded
+    prompt_mask: np.ndarray  # int32[B, T]
+    prompt_positions: np.ndarray  # int32[3, B, T]
+    rope_deltas: np.ndarray  # int32[B]
+    timings: dict[str, float]
+
+    @property
+    def num_generated_tokens(self) -> int:
+        return sum(s.length for group in self.samples for s in group)
+
+
+def _bucket(n: int, buckets: Sequence[int], what: str) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"{what} {n} exceeds the largest bucket {buckets[-1]}")
+
+
+def default_length_buckets(max_len: int = 32_768) -> tuple[int, ...]:
+    """16, 32, 64, ... up to max_len."""
+    out, b = [], 16
+    while b < max_len:
+        out.append(b)
+        b *= 2
+    return (*out, max_len)
+
+
+# --------------------------------------------------------------------------- sampling math
+
+
+def filter_logits(
+    logits: jax.Array,
+    temperature: jax.Array,
+    top_p: jax.Array,
+    min_p: jax.Array,
+    *,
+    top_k: int,
+    use_top_p: bool,
+    use_min_p: bool,
+) -> jax.Array:
+    """Tempered, filtered logits (filtered entries are -inf). logits: float32[B, V]."""
+    x = logits / jnp.maximum(temperature, 1e-6)
+    if top_k:
+        kth = jax.lax.top_k(x, top_k)[0][:, -1:]  # [B, 1]
+        x = jnp.where(x < kth, -jnp.inf, x)
+    if use_min_p:
+        probs = jax.nn.softmax(x, axis=-1)
+        threshold = min_p * jnp.max(probs, axis=-1, keepdims=True)
+        x = jnp.where(probs < threshold, -jnp.inf, x)
+    if use_top_p:
+        order = jnp.argsort(-x, axis=-1)  # [B, V]
+        sorted_x = jnp.take_along_axis(x, order, axis=-1)
+        probs = jax.nn.softmax(sorted_x, axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass
+        # strictly before it is below top_p.
+        before = jnp.cumsum(probs, axis=-1) - probs
+        keep_sorted = before < top_p
+        keep = (
+            jnp.zeros_like(keep_sorted).at[jnp.arange(x.shape[0])[:, None], order].set(keep_sorted)
+        )
+        x = jnp.where(keep, x, -jnp.inf)
+    return x
+
+
+def sample_tokens(
+    key: jax.Array,
+    logits: jax.Array,
+    temperature: jax.Array,
+    top_p: jax.Array,
+    min_p: jax.Array,
+    *,
+    greedy: bool,
+    top_k: int,
+    use_top_p: bool,
+    use_min_p: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Draw one token per row.
+
+    Returns:
+      tokens int32[B], their untempered log-probs float32[B], and their log-probs under the
+      distribution sampled from float32[B] (0 for greedy).
+    """
+    logits = logits.astype(jnp.float32)
+    policy = jax.nn.log_softmax(logits, axis=-1)  # [B, V]
+    if greedy:
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        sampled_lp = jnp.zeros(tokens.shape, jnp.float32)
+    else:
+        filtered = filter_logits(
+            logits,
+            temperature,
+            top_p,
+            min_p,
+            top_k=top_k,
+            use_top_p=use_top_p,
+            use_min_p=use_min_p,
+        )
+        tokens = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+        dist = jax.nn.log_softmax(filtered, axis=-1)
+        sampled_lp = jnp.take_along_axis(dist, tokens[:, None], axis=-1)[:, 0]
+    policy_lp = jnp.take_along_axis(policy, tokens[:, None], axis=-1)[:, 0]
+    return tokens, policy_lp, sampled_lp
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+@dataclasses.dataclass
+class _DecodeState:
+    step: jax.Array  # int32[]
+    logits: jax.Array  # float32[R, V]
+    cache: KVCache
+    tokens: jax.Array  # int32[R, N]
+    policy_lp: jax.Array  # float32[R, N]
+    sampled_lp: jax.Array  # float32[R, N]
+    done: jax.Array  # bool[R]
+    lengths: jax.Array  # int32[R]
+    stopped: jax.Array  # bool[R]
+    key: jax.Array
+
+
+jax.tree_util.register_dataclass(
+    _DecodeState,
+    data_fields=[f.name for f in dataclasses.fields(_DecodeState)],
+    meta_fields=[],
+)
+
+
+class Sampler:
+    """Generates completions for batches of multimodal prompts.
+
+    Example:
+        processor = Processor.from_model_dir(model_dir)
+        config, params = load_model(model_dir)
+        sampler = Sampler(config, processor)
+        gen = sampler.generate(params, [messages], SamplingParams(temperature=0.7,
+                               num_samples=8), key=jax.random.key(0))
+        gen.samples[0][3].text
+
+    Args:
+      config: the model's config.
+      processor: a `vlmgym_model.Processor` (tokenizer, chat template, images); optional
+        when calling `generate_ids` with pre-processed inputs and no text is wanted.
+      stop_token_ids: token ids that end a completion; default: the processor's
+        (generation_config.json's eos ids), else config.eos_token_id.
+      length_buckets, batch_buckets: static shapes prompts and batches are padded to.
+      impl: attention implementation for `vlmgym_kernels`.
+      cache_dtype: KV cache dtype (default: the params' dtype).
+      min_pixels, max_pixels: image pixel bounds passed to the processor (default: the
+        model's preprocessor_config.json); a smaller budget means fewer image tokens.
+    """
+
+    def __init__(
+        self,
+        config: Qwen2_5_VLConfig,
+        processor: Any = None,
+        *,
+        stop_token_ids: Sequence[int] | None = None,
+        length_buckets: Sequence[int] | None = None,
+        batch_buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+        impl: str = "xla",
+        cache_dtype: Any = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+    ) -> None:
+        self.config = config
+        self.min_pixels = min_pixels
+        self.max_pixels = max_pixels
+        self.processor = processor
+        if stop_token_ids is None:
+            if processor is not None and getattr(processor, "eos_token_ids", None):
+                stop_token_ids = list(processor.eos_token_ids)
+            else:
+                eos = config.eos_token_id
+                stop_token_ids = [] if eos is None else list(np.atleast_1d(eos))
+        if not stop_token_ids:
+            raise ValueError("no stop token ids: pass stop_token_ids or a processor with eos")
+        self.stop_token_ids = tuple(int(t) for t in stop_token_ids)
+        self.length_buckets = tuple(length_buckets or default_length_buckets())
+        self.batch_buckets = tuple(batch_buckets)
+        self.impl = impl
+        self.cache_dtype = cache_dtype
+        self.pad_token_id = int(getattr(processor, "pad_token_id", None) or 0)
+        self.compilations: dict[str, int] = {"prefill": 0, "decode": 0}
+        self._prefill = jax.jit(self._prefill_impl, static_argnames=("cache_size", "num_samples"))
+        self._decode = jax.jit(
+            self._decode_impl,
+            static_argnames=("max_new_tokens", "greedy", "top_k", "use_top_p", "use_min_p"),
+            donate_argnames=("cache",),
+        )
+
+    # ------------------------------------------------------------------ jitted pieces
+
+    def _prefill_impl(
+        self,
+        params: Qwen2_5_VLWeights,
+        input_ids: jax.Array,
+        segment_ids: jax.Array,
+        positions: jax.Array,
+        image_features: jax.Array | None,
+        image_index: tuple[jax.Array, jax.Array] | None,
+        *,
+        cache_size: int,
+        num_samples: int,
+    ) -> tuple[jax.Array, KVCache]:
+        self.compilations["prefill"] += 1  # runs once per trace, i.e. per compilation
+        x = _embed_inputs(params.text, input_ids, image_features, image_index)
+        logits, cache = prefill(
+            params.text,
+            self.config,
+            x,
+            segment_ids,
+            positions,
+            cache_size,
+            impl=self.impl,
+            cache_dtype=self.cache_dtype,
+        )
+        if num_samples > 1:
+            logits = jnp.repeat(logits, num_samples, axis=0)
+            cache = cache.repeat(num_samples)
+        return logits, cache
+
+    def _decode_impl(
+        self,
+        params: Qwen2_5_VLWeights,
+        logits: jax.Array,
+        cache: KVCache,
+        next_positions: jax.Array,
+        starts: jax.Array,
+        prompt_len: jax.Array,
+        active: jax.Array,
+        key: jax.Array,
+        temperature: jax.Array,
+        top_p: jax.Array,
+        min_p: jax.Array,
+        stop_ids: jax.Array,
+        *,
+        max_new_tokens: int,
+        greedy: bool,
+        top_k: int,
+        use_top_p: bool,
+        use_min_p: bool,
+    ) -> _DecodeState:
+        self.compilations["decode"] += 1
+        R = logits.shape[0]
+        N = max_new_tokens
+        state = _DecodeState(
+            step=jnp.zeros((), jnp.int32),
+            logits=logits,
+            cache=cache,
+            tokens=jnp.full((R, N), self.pad_token_id, jnp.int32),
+            policy_lp=jnp.zeros((R, N), jnp.float32),
+            sampled_lp=jnp.zeros((R, N), jnp.float32),
+            done=~active,  # padding rows of the batch bucket start done
+            lengths=jnp.zeros((R,), jnp.int32),
+            stopped=jnp.zeros((R,), bool),
+            key=key,
+        )
+
+        def cond(s: _DecodeState) -> jax.Array:
+            return (s.step < N) & ~jnp.all(s.done)
+
+        def body(s: _DecodeState) -> _DecodeState:
+            key, sub = jax.random.split(s.key)
+            tok, plp, slp = sample_tokens(
+                sub,
+                s.logits,
+                temperature,
+                top_p,
+                min_p,
+                greedy=greedy,
+                top_k=top_k,
+                use_top_p=use_top_p,
+                use_min_p=use_min_p,
+            )
+            live = ~s.done
+            tok = jnp.where(live, tok, self.pad_token_id)
+            is_stop = live & jnp.isin(tok, stop_ids)
+            tokens = s.tokens.at[:, s.step].set(tok)
+            policy_lp = s.policy_lp.at[:, s.step].set(jnp.where(live, plp, 0.0))
+            sampled_lp = s.sampled_lp.at[:, s.step].set(jnp.where(live, slp, 0.0))
+            lengths = s.lengths + live.astype(jnp.int32)
+            done = s.done | is_stop
+            logits, cache = decode_step(
+                params.text,
+                self.config,
+                tok,
+                next_positions + s.step,
+                s.cache,
+                prompt_len + s.step,
+                starts,
+                impl=self.impl,
+            )
+            return _DecodeState(
+                step=s.step + 1,
+                logits=logits,
+                cache=cache,
+                tokens=tokens,
+                policy_lp=policy_lp,
+                sampled_lp=sampled_lp,
+                done=done,
+                lengths=lengths,
+                stopped=s.stopped | is_stop,
+                key=key,
+            )
+
+        return jax.lax.while_loop(cond, body, state)
+
+    # ------------------------------------------------------------------ host side
+
+    def generate(
+        self,
+        params: Qwen2_5_VLWeights,
+        prompts: Sequence[Any],
+        sampling: SamplingParams,
+        key: jax.Array,
+        *,
+        decode_text: bool = True,
+    ) -> Generation:
+        """Generate for a batch of chat prompts (each a list of HF-style messages).
+
+        Images inside the messages are preprocessed by the processor; the chat template is
+        applied with the generation prompt.
+        """
+        if self.processor is None:
+            raise ValueError("generate() needs a processor; use generate_ids() for token ids")
+        inputs = self.processor(
+            list(prompts),
+            add_generation_prompt=True,
+            padding_side="left",
+            min_pixels=self.min_pixels,
+            max_pixels=self.max_pixels,
+        )
+        return self.generate_ids(
+            params,
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            sampling,
+            key,
+            pixel_values=inputs.get("pixel_values"),
+            image_grid_thw=inputs.get("image_grid_thw"),
+            decode_text=decode_text,
+        )
+
+    def generate_ids(
+        self,
+        params: Qwen2_5_VLWeights,
+        input_ids: Any,
+        attention_mask: Any,
+        sampling: SamplingParams,
+        key: jax.Array,
+        *,
+        pixel_values: Any = None,
+        image_grid_thw: Any = None,
+        decode_text: bool = True,
+    ) -> Generation:
+        """Generate from processed inputs (int[B, T] ids and mask, either padding side)."""
+        t0 = time.perf_counter()
+        ids = np.asarray(input_ids)
+        mask = np.asarray(attention_mask).astype(bool)
+        if ids.ndim != 2 or ids.shape != mask.shape:
+            raise ValueError(
+                f"input_ids {ids.shape} and attention_mask {mask.shape} must both be [B, T]"
+            )
+        B = ids.shape[0]
+        lengths = mask.sum(axis=1)
+        if (lengths == 0).any():
+            raise ValueError(f"prompts {np.flatnonzero(lengths == 0).tolist()} are empty")
+        grids = None if image_grid_thw is None else np.asarray(image_grid_thw)
+        check_image_placeholders(self.config, ids, grids)
+
+        # Left-pad every prompt to the length bucket, and the batch to the batch bucket.
+        T = _bucket(int(lengths.max()), self.length_buckets, "prompt length")
+        Bb = _bucket(B, self.batch_buckets, "batch size")
+        padded = np.full((Bb, T), self.pad_token_id, np.int32)
+        pmask = np.zeros((Bb, T), np.int32)
+        for b in range(B):
+            row = ids[b][mask[b]]
+            padded[b, T - len(row) :] = row
+            pmask[b, T - len(row) :] = 1
+        pmask[B:, -1] = 1  # batch padding rows: one dummy token, never sampled from
+        positions, deltas = get_rope_index(padded, pmask, grids, self.config)
+
+        features, index = None, None
+        if grids is not None and len(grids):
+            features = vision.encode_images(
+                params.vision, self.config.vision, pixel_values, grids, impl=self.impl
+            )
+            rows, cols = np.nonzero(padded == self.config.image_token_id)
+            index = (jnp.asarray(rows, jnp.int32), jnp.asarray(cols, jnp.int32))
+        t_vision = time.perf_counter()
+
+        n = sampling.num_samples
+        N = sampling.max_new_tokens
+        logits, cache = self._prefill(
+            params,
+            jnp.asarray(padded),
+            jnp.asarray(pmask),
+            jnp.asarray(positions),
+            features,
+            index,
+            cache_size=T + N,
+            num_samples=n,
+        )
+        logits.block_until_ready()
+        t_prefill = time.perf_counter()
+
+        prompt_len = np.concatenate([lengths, np.ones(Bb - B, lengths.dtype)])
+        next_pos = (prompt_len + deltas).astype(np.int32)
+        starts = (T - prompt_len).astype(np.int32)
+        active = np.arange(Bb) < B
+        state = self._decode(
+            params,
+            logits,
+            cache,
+            jnp.asarray(np.repeat(next_pos, n)),
+            jnp.asarray(np.repeat(starts, n)),
+            jnp.asarray(T, jnp.int32),
+            jnp.asarray(np.repeat(active, n)),
+            key,
+            jnp.asarray(sampling.temperature, jnp.float32),
+            jnp.asarray(sampling.top_p, jnp.float32),
+            jnp.asarray(sampling.min_p, jnp.float32),
+            jnp.asarray(self.stop_token_ids, jnp.int32),
+            max_new_tokens=N,
+            greedy=sampling.greedy,
+            top_k=sampling.top_k,
+            use_top_p=sampling.top_p < 1.0,
+            use_min_p=sampling.min_p > 0.0,
+        )
+        tokens, plp, slp, out_len, stopped = jax.device_get(
+            (state.tokens, state.policy_lp, state.sampled_lp, state.lengths, state.stopped)
+        )
+        t_decode = time.perf_counter()
+
+        samples: list[list[Sample]] = []
+        for b in range(B):
+            group = []
+            for j in range(n):
+                r = b * n + j
+                k = int(out_len[r])
+                group.append(
+                    Sample(
+                        prompt_index=b,
+                        tokens=tokens[r, :k].copy(),
+                        logprobs=plp[r, :k].copy(),
+                        sampling_logprobs=slp[r, :k].copy(),
+                        finish_reason="stop" if stopped[r] else "length",
+                    )
+                )
+            samples.append(group)
+        if decode_text and self.processor is not None:
+            for group in samples:
+                for s in group:
+                    s.text = self.processor.decode(s.tokens, skip_special_tokens=True)
+        t_end = time.perf_counter()
+        return Generation(
+            samples=samples,
+            prompt_ids=padded[:B],
+            prompt_mask=pmask[:B],
+            prompt_positions=positions[:, :B],
+            rope_deltas=deltas[:B],
+            timings={
+                "vision_s": t_vision - t0,
+                "prefill_s": t_prefill - t_vision,
+                "decode_s": t_decode - t_prefill,
+                "detokenize_s": t_end - t_decode,
+                "total_s": t_end - t0,
+            },
+        )
