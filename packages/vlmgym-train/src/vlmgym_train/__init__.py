@@ -1,1 +1,92 @@
-"""GRPO-family reinforcement learning for vision-language models."""
+"""GRPO-family reinforcement learning for vision-language models.
+
+Public API:
+- advantages: `get_advantage(name)(rewards[G, n]) -> [G, n]` for "grpo", "dr_grpo", "rloo",
+  "reinforce", "reinforce_plus_plus"; `register_advantage`, `ADVANTAGES`,
+  `dynamic_sampling_mask(rewards) -> bool[G]`
+- losses: `get_loss(name)(LossInputs, LossConfig) -> (loss, metrics)` for "ppo_clip",
+  "gspo", "reinforce"; `register_loss`, `LOSSES`, `aggregate`, `kl_penalty`,
+  `sequence_mask`, `mask_truncated`, `overlong_penalty`
+- optim: `OptimConfig`, `make_optimizer(cfg, params, trainable=...)`, `make_schedule`,
+  `trainable_by_name`, `cast_for_compute`, `is_finite`, `apply_if_finite`
+- checkpointing: `TrainState`, `TrainCheckpointer`, `RestoredCheckpoint`
+- metrics_log: `MetricsLogger`, `mean_info`, `plot_rewards`
+"""
+
+from vlmgym_train.advantages import (
+    ADVANTAGES,
+    AdvantageFn,
+    dr_grpo,
+    dynamic_sampling_mask,
+    get_advantage,
+    grpo,
+    register_advantage,
+    reinforce_plus_plus,
+    rloo,
+)
+from vlmgym_train.checkpointing import RestoredCheckpoint, TrainCheckpointer, TrainState
+from vlmgym_train.losses import (
+    LOSSES,
+    LossConfig,
+    LossFn,
+    LossInputs,
+    aggregate,
+    get_loss,
+    gspo,
+    kl_penalty,
+    mask_truncated,
+    masked_mean,
+    overlong_penalty,
+    ppo_clip,
+    register_loss,
+    sequence_mask,
+)
+from vlmgym_train.metrics_log import MetricsLogger, mean_info, plot_rewards
+from vlmgym_train.optim import (
+    OptimConfig,
+    apply_if_finite,
+    cast_for_compute,
+    is_finite,
+    make_optimizer,
+    make_schedule,
+    trainable_by_name,
+)
+
+__all__ = [
+    "ADVANTAGES",
+    "LOSSES",
+    "AdvantageFn",
+    "LossConfig",
+    "LossFn",
+    "LossInputs",
+    "MetricsLogger",
+    "OptimConfig",
+    "RestoredCheckpoint",
+    "TrainCheckpointer",
+    "TrainState",
+    "aggregate",
+    "apply_if_finite",
+    "cast_for_compute",
+    "dr_grpo",
+    "dynamic_sampling_mask",
+    "get_advantage",
+    "get_loss",
+    "grpo",
+    "gspo",
+    "is_finite",
+    "kl_penalty",
+    "make_optimizer",
+    "make_schedule",
+    "mask_truncated",
+    "masked_mean",
+    "mean_info",
+    "overlong_penalty",
+    "plot_rewards",
+    "ppo_clip",
+    "register_advantage",
+    "register_loss",
+    "reinforce_plus_plus",
+    "rloo",
+    "sequence_mask",
+    "trainable_by_name",
+]

@@ -1,0 +1,402 @@
+"""Policy losses for GRPO and its relatives, as registered pure functions.
+
+    fn(batch: LossInputs, config: LossConfig) -> (loss: float[], metrics: dict[str, float[]])
+
+`batch` holds per-token arrays for B completions padded to T tokens; `config` (a frozen,
+hashable dataclass: pass it as a static argument under jit) holds the clip range, the
+aggregation over tokens, and the KL and entropy coefficients. Every loss is
+
+    loss = agg(pg[b, t]) + kl_coef * agg(kl[b, t]) - entropy_coef * agg(H[b, t])
+
+over the completion tokens (`mask`), where `pg` is the loss's policy-gradient term, `kl` the
+chosen estimator of KL(pi_theta || pi_ref) and `H` the token entropy (when given).
+
+Registered: `ppo_clip` (GRPO, DAPO, Dr. GRPO), `gspo` (sequence-level ratio), `reinforce`
+(no ratio). Pick one with `get_loss(name)`; add one with `@register_loss("name")`.
+
+Recipes:
+- GRPO: `grpo` advantages, `ppo_clip`, aggregation="seq_mean", kl_coef=0.04, kl_estimator="k3".
+- DAPO: `grpo` advantages + `dynamic_sampling_mask`, `ppo_clip` with clip_low=0.2,
+  clip_high=0.28, aggregation="token_mean", kl_coef=0, plus `overlong_penalty` on rewards.
+- Dr. GRPO: `dr_grpo` advantages, `ppo_clip`, aggregation="constant", max_tokens=the
+  generation budget.
+- GSPO: `grpo` advantages, `gspo`, aggregation="seq_mean", clip_low=3e-4, clip_high=4e-4.
+
+Tokens outside `mask` never reach the loss or its gradient: every per-token quantity goes
+through `jnp.where(mask, x, 0)` before any exp, so their gradient is exactly zero even when
+their log-probs are garbage (inf or nan) there.
+
+Metrics are stop-gradient scalars; token statistics are means over masked tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Literal, TypeVar
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+Aggregation = Literal["token_mean", "seq_mean", "constant"]
+KLEstimator = Literal["k1", "k2", "k3"]
+AGGREGATIONS: tuple[str, ...] = ("token_mean", "seq_mean", "constant")
+KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LossInputs:
+    """Per-token inputs of a policy loss (a pytree: it can cross jit boundaries).
+
+    logp: float[B, T]        log pi_theta(y_t | y_<t, x) under the current params; the only
+                             differentiable input.
+    old_logp: float[B, T]    behaviour log-probs recorded by the sampler (untempered policy).
+    mask: float|bool[B, T]   1 on completion tokens up to and including the first stop
+                             token, 0 on prompt and padding.
+    advantages: float[B]     one advantage per sequence (`advantages.reshape(-1)`).
+    ref_logp: float[B, T]    log-probs under the frozen reference policy; needed when
+                             `kl_coef > 0`.
+    entropy: float[B, T]     token entropy of pi_theta (differentiable); needed when
+                             `entropy_coef > 0`, reported as a metric when given.
+    """
+
+    logp: jax.Array
+    old_logp: jax.Array
+    mask: jax.Array
+    advantages: jax.Array
+    ref_logp: jax.Array | None = None
+    entropy: jax.Array | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Hyperparameters of the policy losses (hashable: a static argument under jit).
+
+    clip_low, clip_high: the ratio is clipped to [1 - clip_low, 1 + clip_high]. PPO/GRPO use
+        0.2 for both; DAPO's clip-higher raises clip_high to 0.28; GSPO's sequence ratios
+        need far smaller values (3e-4, 4e-4).
+    dual_clip: optional c > 1 (dual-clip PPO): for A < 0 the token loss is capped at -c * A,
+        so a huge ratio on a bad token cannot blow up the loss.
+    aggregation: how token losses L[b, t] with mask M[b, t] become a scalar:
+        "token_mean"  sum_{b,t} M L / sum_{b,t} M                      (DAPO)
+        "seq_mean"    mean over non-empty rows b of sum_t M L / sum_t M  (GRPO, GSPO)
+        "constant"    sum_{b,t} M L / (B * max_tokens)                 (Dr. GRPO)
+    max_tokens: the constant of "constant" (the generation budget); defaults to T.
+    kl_coef: weight of the KL(pi_theta || pi_ref) penalty added to the loss (0 disables it).
+    kl_estimator: per-token estimate of the KL, with d = ref_logp - logp:
+        "k1"  -d                    unbiased, can be negative
+        "k2"  d^2 / 2               biased, low variance
+        "k3"  exp(d) - d - 1        unbiased, non-negative (Schulman's k3; GRPO's choice)
+    entropy_coef: weight of the entropy bonus (subtracted from the loss).
+    """
+
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float | None = None
+    aggregation: Aggregation = "token_mean"
+    max_tokens: int | None = None
+    kl_coef: float = 0.0
+    kl_estimator: KLEstimator = "k3"
+    entropy_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.clip_low < 1.0:
+            raise ValueError(f"clip_low must be in [0, 1), got {self.clip_low}")
+        if self.clip_high < 0.0:
+            raise ValueError(f"clip_high must be >= 0, got {self.clip_high}")
+        if self.dual_clip is not None and self.dual_clip <= 1.0:
+            raise ValueError(f"dual_clip must be > 1 when set, got {self.dual_clip}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if self.max_tokens is not None and self.max_tokens <= 0:
+            raise ValueError(f"max_tokens must be positive, got {self.max_tokens}")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(
+                f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}"
+            )
+        if self.kl_coef < 0.0 or self.entropy_coef < 0.0:
+            raise ValueError(
+                f"kl_coef and entropy_coef must be >= 0, got {self.kl_coef}, {self.entropy_coef}"
+            )
+
+
+LossFn = Callable[[LossInputs, LossConfig], tuple[jax.Array, dict[str, jax.Array]]]
+F = TypeVar("F", bound=LossFn)
+
+LOSSES: dict[str, LossFn] = {}
+"""name -> policy loss. Read it to list the choices; add with `register_loss`."""
+
+
+def register_loss(name: str, *, overwrite: bool = False) -> Callable[[F], F]:
+    """Decorator: register a policy loss under `name` (case-insensitive).
+
+    Registering a taken name raises `ValueError` unless `overwrite=True`.
+    """
+    key = name.strip().lower()
+
+    def decorator(fn: F) -> F:
+        if key in LOSSES and not overwrite:
+            raise ValueError(f"policy loss {key!r} is already registered")
+        LOSSES[key] = fn
+        return fn
+
+    return decorator
+
+
+def get_loss(name: str) -> LossFn:
+    """The policy loss registered under `name`; `KeyError` lists the choices."""
+    key = name.strip().lower()
+    if key not in LOSSES:
+        raise KeyError(f"unknown policy loss {name!r}; registered: {', '.join(sorted(LOSSES))}")
+    return LOSSES[key]
+
+
+# ----------------------------------------------------------------------------- reductions
+
+
+def aggregate(
+    values: jax.Array, mask: jax.Array, mode: Aggregation, *, max_tokens: int | None = None
+) -> jax.Array:
+    """Reduce token values float[B, T] to a scalar over `mask` (see `LossConfig.aggregation`).
+
+        token_mean = sum_{b,t} M v / max(sum_{b,t} M, 1)
+        seq_mean   = sum_b [sum_t M v / sum_t M] / max(#{b : sum_t M > 0}, 1)
+        constant   = sum_{b,t} M v / (B * max_tokens)        (max_tokens defaults to T)
+
+    Rows with an empty mask (dropped groups, truncated completions, batch padding) add
+    nothing and do not count as sequences in `seq_mean`; they do count in `constant`'s B.
+    """
+    m = mask.astype(jnp.float32)
+    v = jnp.where(m > 0, values, 0.0) * m  # [B, T]
+    if mode == "token_mean":
+        return v.sum() / jnp.maximum(m.sum(), 1.0)
+    if mode == "seq_mean":
+        lengths = m.sum(axis=1)  # [B]
+        per_seq = v.sum(axis=1) / jnp.maximum(lengths, 1.0)  # [B]
+        return per_seq.sum() / jnp.maximum((lengths > 0).sum(), 1)
+    if mode == "constant":
+        B, T = values.shape
+        return v.sum() / (B * (max_tokens if max_tokens is not None else T))
+    raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {mode!r}")
+
+
+def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+    """sum(M * v) / max(sum(M), 1) over all tokens; values outside the mask are ignored."""
+    return aggregate(values, mask, "token_mean")
+
+
+def kl_penalty(logp: jax.Array, ref_logp: jax.Array, estimator: KLEstimator) -> jax.Array:
+    """Per-token estimate of KL(pi_theta || pi_ref) from samples of pi_theta.
+
+    With d = ref_logp - logp (log of pi_ref / pi_theta at the sampled token):
+        k1 = -d,   k2 = d^2 / 2,   k3 = exp(d) - d - 1
+
+    float[B, T], float[B, T] -> float[B, T]
+    """
+    d = ref_logp - logp
+    if estimator == "k1":
+        return -d
+    if estimator == "k2":
+        return 0.5 * d * d
+    if estimator == "k3":
+        return jnp.exp(d) - d - 1.0
+    raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+
+
+def _check(batch: LossInputs) -> None:
+    shape = batch.logp.shape
+    if len(shape) != 2:
+        raise ValueError(f"logp must be float[B, T], got shape {shape}")
+    for name in ("old_logp", "mask", "ref_logp", "entropy"):
+        x = getattr(batch, name)
+        if x is not None and x.shape != shape:
+            raise ValueError(f"{name} has shape {x.shape}, logp has {shape}")
+    if batch.advantages.shape != shape[:1]:
+        raise ValueError(f"advantages must be float[B] = {shape[:1]}, got {batch.advantages.shape}")
+
+
+def _finish(
+    pg: jax.Array,
+    log_ratio: jax.Array,
+    batch: LossInputs,
+    config: LossConfig,
+    metrics: dict[str, jax.Array],
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Add the KL and entropy terms to the policy-gradient token loss `pg`, and the metrics."""
+    m = batch.mask > 0
+    agg = dict(mode=config.aggregation, max_tokens=config.max_tokens)
+    pg_loss = aggregate(pg, batch.mask, **agg)
+    loss = pg_loss
+    metrics = dict(metrics)
+    metrics["loss/pg"] = pg_loss
+    if batch.ref_logp is not None:
+        d_logp = jnp.where(m, batch.logp, 0.0)
+        d_ref = jnp.where(m, batch.ref_logp, 0.0)
+        kl = kl_penalty(d_logp, d_ref, config.kl_estimator)  # [B, T]
+        kl_loss = aggregate(kl, batch.mask, **agg)
+        metrics["kl/ref"] = masked_mean(kl, batch.mask)
+        if config.kl_coef > 0:
+            loss = loss + config.kl_coef * kl_loss
+            metrics["loss/kl"] = kl_loss
+    elif config.kl_coef > 0:
+        raise ValueError("kl_coef > 0 needs LossInputs.ref_logp (the reference log-probs)")
+    if batch.entropy is not None:
+        ent = jnp.where(m, batch.entropy, 0.0)
+        ent_agg = aggregate(ent, batch.mask, **agg)
+        metrics["entropy"] = masked_mean(ent, batch.mask)
+        if config.entropy_coef > 0:
+            loss = loss - config.entropy_coef * ent_agg
+            metrics["loss/entropy"] = ent_agg
+    elif config.entropy_coef > 0:
+        raise ValueError("entropy_coef > 0 needs LossInputs.entropy (token entropies)")
+    # KL(behaviour || current) from behaviour samples, k3 with r = pi_theta / pi_old.
+    metrics["kl/behaviour"] = masked_mean(jnp.expm1(log_ratio) - log_ratio, batch.mask)
+    metrics["ratio/mean"] = masked_mean(jnp.exp(log_ratio), batch.mask)
+    metrics["tokens"] = batch.mask.astype(jnp.float32).sum()
+    metrics["loss"] = loss
+    return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
+
+
+def _clip_fractions(
+    ratio: jax.Array, adv: jax.Array, mask: jax.Array, config: LossConfig
+) -> dict[str, jax.Array]:
+    """Fractions of masked tokens where the clipped branch is active (zero gradient)."""
+    low = (ratio < 1.0 - config.clip_low) & (adv < 0)
+    high = (ratio > 1.0 + config.clip_high) & (adv > 0)
+    return {
+        "clip_frac/low": masked_mean(low.astype(jnp.float32), mask),
+        "clip_frac/high": masked_mean(high.astype(jnp.float32), mask),
+    }
+
+
+def _clipped_objective(ratio: jax.Array, adv: jax.Array, config: LossConfig) -> jax.Array:
+    """-min(r A, clip(r, 1 - low, 1 + high) A), capped at -c A for A < 0 with dual clip."""
+    pg = jnp.maximum(
+        -adv * ratio, -adv * jnp.clip(ratio, 1.0 - config.clip_low, 1.0 + config.clip_high)
+    )
+    if config.dual_clip is not None:
+        pg = jnp.where(adv < 0, jnp.minimum(pg, -adv * config.dual_clip), pg)
+    return pg
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+@register_loss("ppo_clip")
+def ppo_clip(batch: LossInputs, config: LossConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Token-level clipped surrogate (PPO; GRPO, DAPO and Dr. GRPO differ only in config).
+
+        r[b, t]  = exp(logp[b, t] - old_logp[b, t])
+        pg[b, t] = -min(r A[b], clip(r, 1 - clip_low, 1 + clip_high) A[b])
+                   (dual clip: for A[b] < 0, pg = min(pg, -dual_clip * A[b]))
+        loss     = agg(pg) + kl_coef * agg(kl) - entropy_coef * agg(H)
+
+    The gradient of a token is zero when its ratio is clipped on the side the advantage
+    pushes toward: r > 1 + clip_high with A > 0, or r < 1 - clip_low with A < 0.
+
+    Metrics: loss, loss/pg, loss/kl, loss/entropy, clip_frac/low, clip_frac/high (fractions of
+    tokens with zero gradient from each bound), ratio/mean, kl/behaviour, kl/ref, entropy,
+    tokens.
+    """
+    _check(batch)
+    m = batch.mask > 0
+    log_ratio = jnp.where(m, batch.logp - batch.old_logp, 0.0)  # [B, T]
+    ratio = jnp.exp(log_ratio)  # [B, T]
+    adv = batch.advantages.astype(jnp.float32)[:, None]  # [B, 1]
+    pg = _clipped_objective(ratio, adv, config)  # [B, T]
+    metrics = _clip_fractions(ratio, adv, batch.mask, config)
+    return _finish(pg, log_ratio, batch, config, metrics)
+
+
+@register_loss("gspo")
+def gspo(batch: LossInputs, config: LossConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """GSPO (Zheng et al. 2025): one importance ratio per sequence, clipped per sequence.
+
+        s[b]     = exp( sum_t M (logp - old_logp) / sum_t M )   (length-normalised)
+        s[b, t]  = sg(s[b]) * exp(logp[b, t] - sg(logp[b, t]))  (GSPO-token: value s[b])
+        pg[b, t] = -min(s[b, t] A[b], clip(s[b, t], 1 - clip_low, 1 + clip_high) A[b])
+
+    sg is stop-gradient. Each token's gradient is -s[b] A[b] grad logp[b, t] (times the
+    aggregation weight) when s[b] is unclipped, and zero for the whole sequence when it is
+    clipped. With aggregation="seq_mean" this is exactly the paper's sequence objective
+    (1/B) sum_b min(s[b] A[b], clip(s[b]) A[b]); use clip ranges around 3e-4 / 4e-4.
+
+    Metrics: as `ppo_clip`; clip fractions count tokens of clipped sequences, ratio/mean is
+    the token ratio, and ratio/seq_mean the mean of s[b] over non-empty sequences.
+    """
+    _check(batch)
+    m = batch.mask > 0
+    log_ratio = jnp.where(m, batch.logp - batch.old_logp, 0.0)  # [B, T]
+    lengths = m.sum(axis=1)  # [B]
+    seq_log_ratio = log_ratio.sum(axis=1) / jnp.maximum(lengths, 1)  # [B]
+    token_grad = jnp.where(m, batch.logp - jax.lax.stop_gradient(batch.logp), 0.0)  # [B, T]
+    ratio = jnp.exp(jax.lax.stop_gradient(seq_log_ratio)[:, None] + token_grad)  # [B, T]
+    adv = batch.advantages.astype(jnp.float32)[:, None]  # [B, 1]
+    pg = _clipped_objective(ratio, adv, config)  # [B, T]
+    metrics = _clip_fractions(ratio, adv, batch.mask, config)
+    seq_ratio = jnp.exp(seq_log_ratio)  # [B]
+    metrics["ratio/seq_mean"] = jnp.where(lengths > 0, seq_ratio, 0.0).sum() / jnp.maximum(
+        (lengths > 0).sum(), 1
+    )
+    return _finish(pg, log_ratio, batch, config, metrics)
+
+
+@register_loss("reinforce")
+def reinforce(batch: LossInputs, config: LossConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """REINFORCE / vanilla policy gradient: no ratio, no clipping (on-policy only).
+
+        pg[b, t] = -A[b] * logp[b, t]
+        loss     = agg(pg) + kl_coef * agg(kl) - entropy_coef * agg(H)
+
+    On-policy (logp == old_logp) its gradient equals `ppo_clip`'s. `old_logp` is used only
+    for the ratio/mean and kl/behaviour metrics; clip_low, clip_high, dual_clip are ignored.
+    """
+    _check(batch)
+    m = batch.mask > 0
+    log_ratio = jnp.where(m, batch.logp - batch.old_logp, 0.0)  # [B, T]
+    adv = batch.advantages.astype(jnp.float32)[:, None]  # [B, 1]
+    pg = -adv * jnp.where(m, batch.logp, 0.0)  # [B, T]
+    return _finish(pg, log_ratio, batch, config, {})
+
+
+# ----------------------------------------------------------------------------- masks, shaping
+
+
+def sequence_mask(lengths: ArrayLike, max_len: int) -> jax.Array:
+    """mask[b, t] = t < lengths[b]: int[B], T -> bool[B, T] (completion tokens at the left)."""
+    lengths = jnp.asarray(lengths)
+    return jnp.arange(max_len)[None, :] < lengths[:, None]  # [B, T]
+
+
+def mask_truncated(mask: ArrayLike, truncated: ArrayLike) -> jax.Array:
+    """DAPO's overlong filtering: drop completions cut at the length limit from the loss.
+
+        mask'[b, t] = mask[b, t] * (1 - truncated[b])
+
+    A truncated completion never reached its stop token, so its reward says little about
+    its tokens. mask: [B, T] (bool or float), truncated: bool[B] -> same dtype as mask.
+    """
+    mask = jnp.asarray(mask)
+    keep = ~jnp.asarray(truncated, jnp.bool_)  # [B]
+    return jnp.where(keep[:, None], mask, jnp.zeros_like(mask))
+
+
+def overlong_penalty(
+    lengths: ArrayLike, max_len: int, buffer: int, penalty: float = 1.0
+) -> jax.Array:
+    """DAPO's soft overlong punishment, added to the reward of each completion.
+
+        R(L) = 0                                       L <= max_len - buffer
+             = -penalty * (L - (max_len - buffer)) / buffer    max_len - buffer < L <= max_len
+             = -penalty                                L > max_len
+
+    lengths: int[B] (completion tokens) -> float[B]. DAPO: max_len=20480, buffer=4096,
+    penalty=1.
+    """
+    if not 0 < buffer <= max_len:
+        raise ValueError(f"need 0 < buffer <= max_len, got buffer={buffer}, max_len={max_len}")
+    lengths = jnp.asarray(lengths, jnp.float32)
+    over = (lengths - (max_len - buffer)) / buffer  # [B]
+    return -penalty * jnp.clip(over, 0.0, 1.0)
