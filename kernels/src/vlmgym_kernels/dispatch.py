@@ -1,17 +1,36 @@
-"""One dispatch per kernel: the caller names the implementation explicitly."""
+"""One dispatch per kernel: the caller names the implementation explicitly.
+
+`impl` is one of `IMPLS`:
+
+* `"reference"`: plain jnp, fp32 softmax over the dense mask (`vlmgym_kernels.reference`);
+* `"xla"`: structured jnp (`vlmgym_kernels.xla`); exact, runs on every backend, the default;
+* `"pallas"`: the Pallas kernels lowered to Triton; NVIDIA GPUs only;
+* `"pallas_interpret"`: the same Pallas kernels through Pallas' interpreter; any backend,
+  slow, meant for tests.
+
+The backend is checked when a function is called, never at import.
+"""
 
 from __future__ import annotations
 
 import jax
 
-from vlmgym_kernels import reference
+from vlmgym_kernels import pallas_decode, pallas_flash, reference, xla
 
-IMPLS = ("xla", "reference")
+IMPLS = ("xla", "reference", "pallas", "pallas_interpret")
 
 
-def _check_impl(impl: str) -> None:
+def _pallas_interpret(impl: str, kernel: str) -> bool:
+    """Validate `impl`; for the Pallas impls, whether to interpret."""
     if impl not in IMPLS:
-        raise ValueError(f"unknown attention impl {impl!r}; choose one of {IMPLS}")
+        raise ValueError(f"unknown {kernel} impl {impl!r}; choose one of {IMPLS}")
+    if impl == "pallas" and jax.default_backend() != "gpu":
+        raise ValueError(
+            f"{kernel}: impl='pallas' lowers to Triton and needs an NVIDIA GPU, but JAX's "
+            f"default backend is {jax.default_backend()!r}; use impl='xla' (fast everywhere) "
+            "or impl='pallas_interpret' (the same kernels, interpreted, for tests)."
+        )
+    return impl == "pallas_interpret"
 
 
 def attention(
@@ -26,10 +45,13 @@ def attention(
     impl: str = "xla",
 ) -> jax.Array:
     """Prefill / training attention; see `reference.attention` for the contract."""
-    _check_impl(impl)
-    return reference.attention(
-        q, k, v, q_segment_ids, kv_segment_ids, causal=causal, scale=scale
-    )
+    interpret = _pallas_interpret(impl, "attention")
+    args = (q, k, v, q_segment_ids, kv_segment_ids)
+    if impl == "reference":
+        return reference.attention(*args, causal=causal, scale=scale)
+    if impl == "xla":
+        return xla.attention(*args, causal=causal, scale=scale)
+    return pallas_flash.attention(*args, causal=causal, scale=scale, interpret=interpret)
 
 
 def decode_attention(
@@ -43,8 +65,14 @@ def decode_attention(
     impl: str = "xla",
 ) -> jax.Array:
     """Decode attention over a ragged KV cache; see `reference.decode_attention`."""
-    _check_impl(impl)
-    return reference.decode_attention(q, k, v, lengths, starts, scale=scale)
+    interpret = _pallas_interpret(impl, "decode_attention")
+    if impl == "reference":
+        return reference.decode_attention(q, k, v, lengths, starts, scale=scale)
+    if impl == "xla":
+        return xla.decode_attention(q, k, v, lengths, starts, scale=scale)
+    return pallas_decode.decode_attention(
+        q, k, v, lengths, starts, scale=scale, interpret=interpret
+    )
 
 
 def vision_attention(
@@ -58,7 +86,10 @@ def vision_attention(
     impl: str = "xla",
 ) -> jax.Array:
     """Block-diagonal vision attention; see `reference.vision_attention`."""
-    _check_impl(impl)
-    return reference.vision_attention(
-        q, k, v, segment_ids, max_segment_len=max_segment_len, scale=scale
-    )
+    interpret = _pallas_interpret(impl, "vision_attention")
+    kwargs = {"max_segment_len": max_segment_len, "scale": scale}
+    if impl == "reference":
+        return reference.vision_attention(q, k, v, segment_ids, **kwargs)
+    if impl == "xla":
+        return xla.vision_attention(q, k, v, segment_ids, **kwargs)
+    return pallas_flash.vision_attention(q, k, v, segment_ids, interpret=interpret, **kwargs)

@@ -127,7 +127,6 @@ def vision_attention(
       float[P, N, H] in q's dtype.
     """
     del max_segment_len
-    P, N, H = q.shape
     out = attention(
         q[None],
         k[None],
