@@ -114,6 +114,7 @@ class VisionConfig:
     tokens_per_second: float = 2.0
     hidden_act: str = "silu"
     rms_norm_eps: float = 1e-6
+    rope_theta: float = 10_000.0  # the 2D vision rotary's base (HF: rope_parameters.rope_theta)
 
     def __post_init__(self) -> None:
         for name in (
@@ -157,6 +158,9 @@ class VisionConfig:
             self.hidden_act == "silu",
             f"vision config: hidden_act={self.hidden_act!r} is not supported (Qwen2.5-VL uses "
             "'silu')",
+        )
+        _require(
+            self.rope_theta > 0, f"vision config: rope_theta must be > 0, got {self.rope_theta}"
         )
 
     @property
@@ -304,6 +308,12 @@ class Qwen2_5_VLConfig:
                 "hidden_act": v.hidden_act,
             },
         }
+        if v.rope_theta != VisionConfig.rope_theta:
+            # Written only when it differs from the default every transformers version assumes.
+            out["vision_config"]["rope_parameters"] = {
+                "rope_type": "axial",
+                "rope_theta": v.rope_theta,
+            }
         if self.bos_token_id is not None:
             out["bos_token_id"] = self.bos_token_id
         if self.eos_token_id is not None:
@@ -374,6 +384,11 @@ def _text_config_from_hf(raw: Mapping[str, Any]) -> TextConfig:
 def _vision_config_from_hf(raw: Mapping[str, Any]) -> VisionConfig:
     defaults = VisionConfig()
     hidden = _pick(raw, "hidden_size", "embed_dim", default=defaults.hidden_size)
+    rope = _pick(raw, "rope_parameters", "rope_scaling", default={}) or {}
+    _require(isinstance(rope, Mapping), f"vision rope_parameters must be an object, got {rope!r}")
+    theta = _pick(rope, "rope_theta", default=None)
+    if theta is None:
+        theta = _pick(raw, "rope_theta", default=defaults.rope_theta)
     return VisionConfig(
         depth=_pick(raw, "depth", default=defaults.depth),
         hidden_size=hidden,
@@ -392,4 +407,5 @@ def _vision_config_from_hf(raw: Mapping[str, Any]) -> VisionConfig:
             _pick(raw, "tokens_per_second", default=defaults.tokens_per_second)
         ),
         hidden_act=_pick(raw, "hidden_act", default=defaults.hidden_act),
+        rope_theta=float(theta),
     )
