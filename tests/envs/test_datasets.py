@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import zipfile
@@ -12,53 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import vlmgym_envs
+from fixtures.datasets import OSV_COLUMNS, OSV_ROWS, jpeg, write_osv5m
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image
 from vlmgym_envs import DataError, UnsafeArchiveError, extract_zip
 from vlmgym_envs.cider import CiderD, keyword_reward, keywords, tokenize_caption
-
-OSV_HEADER = (
-    "id,latitude,longitude,thumb_original_url,country,sequence,captured_at,lon_bin,lat_bin,cell,"
-    "region,sub-region,city,land_cover,road_index,drive_side,climate,soil,dist_sea,"
-    "quadtree_10_5000,quadtree_10_25000,quadtree_10_1000,quadtree_10_50000,quadtree_10_12500,"
-    "quadtree_10_500,quadtree_10_2500,unique_region,unique_sub-region,unique_city,"
-    "unique_country,creator_username,creator_id"
-)  # the published header, verbatim
-OSV_COLUMNS = OSV_HEADER.split(",")
-OSV_ROWS = [
-    ("1000000001", 48.8566, 2.3522, "FR", "Ile-de-France", "Paris", "Paris"),
-    ("1000000002", 52.5200, 13.4050, "DE", "Berlin", "", "Mitte"),
-    ("1000000003", -33.8688, 151.2093, "AU", "New South Wales", "Sydney", "Sydney"),
-    ("1000000004", 35.6895, 139.6917, "JP", "Tokyo", "", "Tokyo"),
-]
-
-
-def jpeg(color, size=(32, 24)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, color).save(buffer, format="JPEG")
-    return buffer.getvalue()
-
-
-def write_osv5m(root, split="test", rows=OSV_ROWS, loose=(), skip_image=(), columns=OSV_COLUMNS):
-    with (root / f"{split}.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for rid, lat, lon, cc, region, sub, city in rows:
-            row = dict.fromkeys(columns, "0")
-            row.update({"id": rid, "latitude": lat, "longitude": lon, "country": cc,
-                        "region": region, "sub-region": sub, "city": city})  # fmt: skip
-            writer.writerow(row)
-    images = root / "images" / split
-    images.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(images / "00.zip", "w") as zf:
-        for i, (rid, *_rest) in enumerate(rows):
-            if rid in skip_image or rid in loose:
-                continue
-            zf.writestr(f"{split}/{i % 2:02d}/{rid}.jpg", jpeg((i * 60, 100, 50)))
-    for rid in loose:
-        (images / "extracted").mkdir(exist_ok=True)
-        (images / "extracted" / f"{rid}.jpg").write_bytes(jpeg((0, 0, 255)))
 
 
 def test_osv5m_end_to_end(tmp_path):

@@ -10,7 +10,8 @@ learn from it in minutes on a CPU. Hence:
 - question kinds (`KINDS`): "color" (what colour is the shape), "shape" (which shape),
   "count" (how many shapes), "position" (left/right or top/bottom), "pair" (two images:
   which one holds a given shape);
-- the default (preset "easy") asks only the colour of a single shape among 4 colours, so a
+- the default (preset "easy") asks only the colour of a single large shape (grid=1: it fills
+  its one cell) among 4 colours, so a
   model can learn by associating image colours with the colour word.
 
 Reward (defaults; `format_reward` and `correct_reward` are configurable):
@@ -62,7 +63,7 @@ ANSWER_VOCAB: tuple[str, ...] = (*COLORS, *SHAPES, *NUMBERS, *SIDES, *ORDINALS)
 """Every answer word of every configuration (20 lower-case words, fixed order)."""
 
 BACKGROUND = (240, 240, 240)
-GRID = 3  # shapes sit in distinct cells of a GRID x GRID grid, so they never overlap
+GRID = 3  # default grid: shapes sit in distinct cells of a grid x grid layout, never overlapping
 
 
 def answer_vocabulary() -> tuple[str, ...]:
@@ -93,6 +94,7 @@ class ShapesConfig:
     min_shapes: int = 1
     max_shapes: int = 1
     image_size: int = 56
+    grid: int | None = None  # cells per side; None: 1 for single-shape worlds, else GRID
     size: int = 10_000
     seed: int = 0
     list_options: bool = True
@@ -126,6 +128,13 @@ class ShapesConfig:
             raise ValueError("colour questions with several shapes need >= 2 shapes")
         if self.max_shapes > 1 and ("shape" in self.kinds and len(self.colors) < 2):
             raise ValueError("shape questions with several shapes need >= 2 colours")
+        if self.cells_per_side < 1 or self.max_shapes > self.cells_per_side**2:
+            raise ValueError(
+                f"grid={self.cells_per_side} has {self.cells_per_side**2} cells, fewer than "
+                f"max_shapes={self.max_shapes}"
+            )
+        if "position" in self.kinds and self.cells_per_side < 2:
+            raise ValueError("position questions need grid >= 2")
         if self.image_size < 28:
             raise ValueError(f"image_size must be >= 28, got {self.image_size}")
         if self.size < 1 or self.seed < 0:
@@ -134,6 +143,15 @@ class ShapesConfig:
             raise ValueError("max_turns must be >= 1 and retry_discount in [0, 1]")
         if self.format_reward < 0 or self.correct_reward < 0:
             raise ValueError("rewards must be non-negative")
+
+    @property
+    def cells_per_side(self) -> int:
+        """The grid actually used: `grid`, or 1 when every scene has one shape and no
+        question asks for a position (the shape then fills the image), else GRID."""
+        if self.grid is not None:
+            return self.grid
+        single = self.max_shapes == 1 and "position" not in self.kinds
+        return 1 if single else GRID
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> ShapesConfig:
@@ -248,7 +266,8 @@ class ShapesEnv(Env[ShapesState]):
         forbid=(color, shape): distractors never match on the non-None fields, so the target
         stays the only one with that colour / shape / combination.
         """
-        cells = [(r, c) for r in range(GRID) for c in range(GRID)]
+        side = self.config.cells_per_side
+        cells = [(r, c) for r in range(side) for c in range(side)]
         items = [target] if target is not None else []
         free = [cell for cell in cells if target is None or cell != target.cell]
         order = rng.permutation(len(free))
@@ -266,7 +285,8 @@ class ShapesEnv(Env[ShapesState]):
         return items
 
     def _random_cell(self, rng: np.random.Generator) -> tuple[int, int]:
-        return int(rng.integers(GRID)), int(rng.integers(GRID))
+        side = self.config.cells_per_side
+        return int(rng.integers(side)), int(rng.integers(side))
 
     def _color(self, rng: np.random.Generator) -> tuple[str, str, list[_Item]]:
         n = self._n_shapes(rng)
@@ -299,8 +319,8 @@ class ShapesEnv(Env[ShapesState]):
     def _position(self, rng: np.random.Generator) -> tuple[str, str, list[_Item]]:
         n = self._n_shapes(rng)
         side = self._pick(rng, SIDES)
-        edge = 0 if side in ("left", "top") else GRID - 1
-        other = int(rng.integers(GRID))
+        edge = 0 if side in ("left", "top") else self.config.cells_per_side - 1
+        other = int(rng.integers(self.config.cells_per_side))
         cell = (other, edge) if side in ("left", "right") else (edge, other)
         target = _Item(
             self._pick(rng, self.config.colors), self._pick(rng, self.config.shapes), cell
@@ -330,7 +350,7 @@ class ShapesEnv(Env[ShapesState]):
         size = self.config.image_size
         image = Image.new("RGB", (size, size), BACKGROUND)
         draw = ImageDraw.Draw(image)
-        cell = size / GRID
+        cell = size / self.config.cells_per_side
         for item in scene:
             radius = cell * float(rng.uniform(0.3, 0.45))
             slack = max(cell / 2 - radius - 1.5, 0.0)  # keep a gap between cells

@@ -104,6 +104,8 @@ class Generation:
     prompt_positions: np.ndarray  # int32[3, B, T]
     rope_deltas: np.ndarray  # int32[B]
     timings: dict[str, float]
+    pixel_values: np.ndarray | None = None  # float32[P, 1176], the prompts' images
+    image_grid_thw: np.ndarray | None = None  # int[n_images, 3]
 
     @property
     def num_generated_tokens(self) -> int:
@@ -177,6 +179,10 @@ def sample_tokens(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Draw one token per row.
 
+    Args:
+      key: one PRNG key, or one key per row (typed keys of shape [B]); with per-row keys a
+        row's draw depends on its own key only, not on the rest of the batch.
+
     Returns:
       tokens int32[B], their untempered log-probs float32[B], and their log-probs under the
       distribution sampled from float32[B] (0 for greedy).
@@ -196,7 +202,11 @@ def sample_tokens(
             use_top_p=use_top_p,
             use_min_p=use_min_p,
         )
-        tokens = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+        if key.ndim == 0:
+            tokens = jax.random.categorical(key, filtered, axis=-1)
+        else:
+            tokens = jax.vmap(lambda k, x: jax.random.categorical(k, x))(key, filtered)
+        tokens = tokens.astype(jnp.int32)
         dist = jax.nn.log_softmax(filtered, axis=-1)
         sampled_lp = jnp.take_along_axis(dist, tokens[:, None], axis=-1)[:, 0]
     policy_lp = jnp.take_along_axis(policy, tokens[:, None], axis=-1)[:, 0]
@@ -217,7 +227,6 @@ class _DecodeState:
     done: jax.Array  # bool[R]
     lengths: jax.Array  # int32[R]
     stopped: jax.Array  # bool[R]
-    key: jax.Array
 
 
 jax.tree_util.register_dataclass(
@@ -330,7 +339,7 @@ class Sampler:
         starts: jax.Array,
         prompt_len: jax.Array,
         active: jax.Array,
-        key: jax.Array,
+        prompt_keys: jax.Array,
         temperature: jax.Array,
         top_p: jax.Array,
         min_p: jax.Array,
@@ -345,6 +354,12 @@ class Sampler:
         self.compilations["decode"] += 1
         R = logits.shape[0]
         N = max_new_tokens
+        n = R // prompt_keys.shape[0]
+        # sample j of prompt b draws from fold_in(fold_in(key_b, j), step): independent of
+        # the rest of the batch, so batching and bucket padding never change a sample.
+        row_keys = jax.vmap(lambda k: jax.vmap(lambda j: jax.random.fold_in(k, j))(jnp.arange(n)))(
+            prompt_keys
+        ).reshape(R)
         state = _DecodeState(
             step=jnp.zeros((), jnp.int32),
             logits=logits,
@@ -355,16 +370,15 @@ class Sampler:
             done=~active,  # padding rows of the batch bucket start done
             lengths=jnp.zeros((R,), jnp.int32),
             stopped=jnp.zeros((R,), bool),
-            key=key,
         )
 
         def cond(s: _DecodeState) -> jax.Array:
             return (s.step < N) & ~jnp.all(s.done)
 
         def body(s: _DecodeState) -> _DecodeState:
-            key, sub = jax.random.split(s.key)
+            step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, s.step)
             tok, plp, slp = sample_tokens(
-                sub,
+                step_keys,
                 s.logits,
                 temperature,
                 top_p,
@@ -402,7 +416,6 @@ class Sampler:
                 done=done,
                 lengths=lengths,
                 stopped=s.stopped | is_stop,
-                key=key,
             )
 
         return jax.lax.while_loop(cond, body, state)
@@ -443,6 +456,16 @@ class Sampler:
             decode_text=decode_text,
         )
 
+    @staticmethod
+    def _prompt_keys(key: jax.Array, B: int, Bb: int) -> jax.Array:
+        """One key per prompt of the batch bucket, from one key or from B keys."""
+        if key.ndim == 0:
+            return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(Bb))
+        if key.shape != (B,):
+            raise ValueError(f"got {key.shape[0]} keys for {B} prompts; give one or one each")
+        pad = jax.vmap(lambda i: jax.random.fold_in(key[0], i))(jnp.arange(Bb - B) + B)
+        return jnp.concatenate([key, pad]) if Bb > B else key
+
     def generate_ids(
         self,
         params: Qwen2_5_VLWeights,
@@ -455,7 +478,12 @@ class Sampler:
         image_grid_thw: Any = None,
         decode_text: bool = True,
     ) -> Generation:
-        """Generate from processed inputs (int[B, T] ids and mask, either padding side)."""
+        """Generate from processed inputs (int[B, T] ids and mask, either padding side).
+
+        `key`: one PRNG key (prompt b then uses fold_in(key, b)), or a [B] array of keys, one
+        per prompt. Either way a prompt's samples depend only on its own key, never on the
+        other prompts in the batch or on the bucket sizes.
+        """
         t0 = time.perf_counter()
         ids = np.asarray(input_ids)
         mask = np.asarray(attention_mask).astype(bool)
@@ -518,7 +546,7 @@ class Sampler:
             jnp.asarray(np.repeat(starts, n)),
             jnp.asarray(T, jnp.int32),
             jnp.asarray(np.repeat(active, n)),
-            key,
+            self._prompt_keys(key, B, Bb),
             jnp.asarray(sampling.temperature, jnp.float32),
             jnp.asarray(sampling.top_p, jnp.float32),
             jnp.asarray(sampling.min_p, jnp.float32),
@@ -561,6 +589,8 @@ class Sampler:
             prompt_mask=pmask[:B],
             prompt_positions=positions[:, :B],
             rope_deltas=deltas[:B],
+            pixel_values=None if grids is None else np.asarray(pixel_values),
+            image_grid_thw=grids,
             timings={
                 "vision_s": t_vision - t0,
                 "prefill_s": t_prefill - t_vision,

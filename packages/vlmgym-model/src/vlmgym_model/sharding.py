@@ -118,8 +118,10 @@ def make_mesh(
 ) -> Mesh:
     """A `("data", "fsdp", "tensor")` mesh over `devices` (all devices by default).
 
-    One of the sizes may be -1: it takes whatever devices remain. The axes are Auto (XLA
-    propagates shardings), not Explicit, which `jax.make_mesh` would otherwise default to.
+    One of the sizes may be -1: it takes whatever devices remain. Without -1, a mesh
+    smaller than the device count uses the first data * fsdp * tensor devices. The axes
+    are Auto (XLA propagates shardings), not Explicit, which `jax.make_mesh` would
+    otherwise default to.
     """
     devices = list(jax.devices() if devices is None else devices)
     sizes = [data, fsdp, tensor]
@@ -132,6 +134,8 @@ def make_mesh(
                 f"{len(devices)} devices do not split into data*fsdp*tensor with sizes {sizes}"
             )
         sizes[sizes.index(-1)] = len(devices) // known
+    if -1 not in (data, fsdp, tensor) and math.prod(sizes) < len(devices):
+        devices = devices[: math.prod(sizes)]
     if math.prod(sizes) != len(devices):
         raise ValueError(
             f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} "

@@ -1,0 +1,42 @@
+"""`vlmgym-train`: the main job. With no arguments it trains the tiny preset on `shapes`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+
+from vlmgym_model.cli import parse_args
+
+from vlmgym_train.config import TrainConfig
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_args(TrainConfig, argv, prog="vlmgym-train")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("vlmgym_train").setLevel(logging.INFO)
+    from vlmgym_train.trainer import Trainer, TrainingError
+
+    try:
+        trainer = Trainer(cfg)
+    except (FileExistsError, FileNotFoundError, ValueError) as err:
+        print(f"vlmgym-train: error: {err}", file=sys.stderr)
+        return 2
+    print(f"vlmgym-train: run directory {trainer.run_dir}", file=sys.stderr)
+    try:
+        trainer.run()
+    except TrainingError as err:
+        print(f"vlmgym-train: error: {err}", file=sys.stderr)
+        return 1
+    summary = trainer.summary()
+    print(
+        f"vlmgym-train: {summary['steps']} steps; mean reward over the first 20 steps "
+        f"{summary['first_reward_mean']:.3f}, over the last 20 {summary['last_reward_mean']:.3f}"
+        f"; policy saved to {summary['final_model']}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,91 @@
+"""`vlmgym-eval`: evaluate a model directory on an environment; metrics, records, plots."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from vlmgym_model.cli import parse_args
+
+
+def _f(default: Any, help: str) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalArgs:
+    """Evaluate a vlm-gym model directory on an environment.
+
+    Writes metrics.json, records.jsonl (every task's prompt, completion, parsed answer,
+    reward and info) and plots to --output_dir; rerunning resumes a partial output.
+    """
+
+    model_dir: str = dataclasses.field(metadata={"help": "model directory to evaluate"})
+    env_name: str = _f("shapes", "environment")
+    env_kwargs: str = _f("{}", "JSON keyword arguments for the env")
+    split: str | None = _f(None, "dataset split (passed to the env as split=)")
+    max_eval_tasks: int | None = _f(None, "evaluate at most this many tasks")
+    num_samples: int = _f(1, "samples per task (pass@k / best-of-k)")
+    num_generation_tokens: int = _f(256, "max new tokens")
+    temperature: float = _f(0.0, "0 = greedy")
+    top_k: int = _f(0, "top-k (0 = off)")
+    top_p: float = _f(1.0, "nucleus mass (1 = off)")
+    seed: int = _f(0, "seed for task order and sampling")
+    inference_batch_per_device: int = _f(8, "tasks per sampler call per device")
+    vlm_max_pixels: int | None = _f(None, "image pixel budget")
+    output_dir: str = _f("eval_out", "where outputs go")
+    dtype: str = _f("bfloat16", "weight dtype: bfloat16 or float32")
+    attention_impl: str = _f("xla", "attention implementation")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(EvalArgs, argv, prog="vlmgym-eval")
+    import jax
+    import jax.numpy as jnp
+    from vlmgym_envs import make
+    from vlmgym_model import Processor, Sampler, load_model
+
+    from vlmgym_train.evaluate import EvalConfig, evaluate
+
+    try:
+        kwargs = json.loads(args.env_kwargs)
+        if args.split is not None:
+            kwargs["split"] = args.split
+        env = make(args.env_name, **kwargs)
+        config, params = load_model(args.model_dir, dtype=getattr(jnp, args.dtype))
+        processor = Processor.from_model_dir(args.model_dir)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        print(f"vlmgym-eval: error: {err}", file=sys.stderr)
+        return 2
+    sampler = Sampler(config, processor, impl=args.attention_impl, max_pixels=args.vlm_max_pixels)
+    result = evaluate(
+        params,
+        config,
+        sampler,
+        env,
+        EvalConfig(
+            max_eval_tasks=args.max_eval_tasks,
+            num_samples=args.num_samples,
+            num_generation_tokens=args.num_generation_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            batch_size=args.inference_batch_per_device * jax.local_device_count(),
+            progress=True,
+        ),
+        output_dir=args.output_dir,
+    )
+    width = max(len(k) for k in result.metrics)
+    print(f"{'metric':<{width}}  value")
+    for k, v in sorted(result.metrics.items()):
+        print(f"{k:<{width}}  {v:.4f}")
+    print(f"outputs in {args.output_dir}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

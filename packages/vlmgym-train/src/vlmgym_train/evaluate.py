@@ -1,0 +1,344 @@
+"""Evaluation: sample completions for an environment's tasks, score them, report metrics.
+
+Outputs in `output_dir`:
+- `records.jsonl`: one line per (task, sample): prompt, image reference, completion,
+  parsed answer, reward, info. Read back on a rerun: finished tasks are skipped, so an
+  interrupted evaluation resumes where it stopped.
+- `metrics.json`: the environment's metrics (computed by the envs package's metric
+  functions), plus reward mean, and pass@k / mean@k with several samples per task.
+- plots: for `osv5m` a world scatter of guesses against truths with error lines and a
+  distance histogram; for the others a reward histogram.
+
+Deterministic for a fixed seed: task order, sampling keys and batches depend only on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from vlmgym_envs import Env
+from vlmgym_model.sampling import Sampler, SamplingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    max_eval_tasks: int | None = None  # None: the whole split
+    num_samples: int = 1
+    num_generation_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int = 8  # tasks per sampler call
+    progress: bool = False
+
+
+@dataclasses.dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    records: list[dict[str, Any]]
+
+
+def _jsonable(x: Any) -> Any:
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return {k: _jsonable(v) for k, v in dataclasses.asdict(x).items()}
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if x is None or isinstance(x, str | int | float | bool):
+        return x
+    return str(x)
+
+
+def _prompt_text(messages: list[dict[str, Any]]) -> str:
+    parts = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            parts.append(content)
+            continue
+        for block in content or []:
+            if block.get("type") == "text":
+                parts.append(str(block.get("text", "")))
+            elif block.get("type") == "image":
+                parts.append("<image>")
+    return "\n".join(parts)
+
+
+def _image_reference(state: Any, task: int) -> str:
+    for attr in ("id", "identifier", "image_id", "path"):
+        value = getattr(state, attr, None)
+        if value is not None:
+            return str(value)
+    return f"task:{task}"
+
+
+# --------------------------------------------------------------------------- metrics
+
+MetricsFn = Callable[[list[dict[str, Any]]], dict[str, float]]
+
+
+def _osv5m_metrics(records: list[dict[str, Any]]) -> dict[str, float]:
+    from vlmgym_envs.osv5m_metrics import osv5m_metrics
+
+    def coord(r: dict[str, Any], key: str) -> float:
+        value = (r["info"].get("parsed") or {}).get(key)
+        return float("nan") if value is None else float(value)
+
+    out = osv5m_metrics(
+        [coord(r, "latitude") for r in records],
+        [coord(r, "longitude") for r in records],
+        [r["state"]["truth"]["latitude"] for r in records],
+        [r["state"]["truth"]["longitude"] for r in records],
+    )
+    out["unparsed_coordinates"] = float(sum(math.isnan(coord(r, "latitude")) for r in records))
+    return out
+
+
+def _nlvr2_metrics(records: list[dict[str, Any]]) -> dict[str, float]:
+    return {
+        "accuracy": float(np.mean([bool(r["info"].get("correct")) for r in records])),
+        "unparseable": float(sum(r["info"].get("answer") is None for r in records)),
+        "ambiguous": float(sum(bool(r["info"].get("ambiguous")) for r in records)),
+    }
+
+
+def _caption_metrics(records: list[dict[str, Any]]) -> dict[str, float]:
+    kind = records[0]["info"].get("reward_kind", "cider") if records else "cider"
+    name = "cider_d" if kind == "cider" else kind
+    return {name: float(np.mean([r["reward"] for r in records]))}
+
+
+def _shapes_metrics(records: list[dict[str, Any]]) -> dict[str, float]:
+    by_kind: dict[str, list[bool]] = defaultdict(list)
+    for r in records:
+        by_kind[str(r["info"].get("kind"))].append(bool(r["info"].get("correct")))
+    out = {f"accuracy/{k}": float(np.mean(v)) for k, v in sorted(by_kind.items())}
+    out["accuracy"] = float(np.mean([c for v in by_kind.values() for c in v]))
+    out["format_ok"] = float(np.mean([bool(r["info"].get("format_ok")) for r in records]))
+    return out
+
+
+ENV_METRICS: dict[str, MetricsFn] = {
+    "OSV5MEnv": _osv5m_metrics,
+    "NLVR2Env": _nlvr2_metrics,
+    "CaptionEnv": _caption_metrics,
+    "ShapesEnv": _shapes_metrics,
+}
+
+
+def _success(record: dict[str, Any]) -> bool:
+    """A sample counts for pass@k when the env says it is correct, else when reward >= 1."""
+    info = record["info"]
+    if "correct" in info:
+        return bool(info["correct"])
+    return float(record["reward"]) >= 1.0
+
+
+def compute_metrics(env: Env, records: list[dict[str, Any]], num_samples: int) -> dict[str, float]:
+    """The env's metrics over first samples, plus reward stats and pass@k with k samples."""
+    if not records:
+        raise ValueError("no evaluation records to compute metrics from")
+    first = [r for r in records if r["sample"] == 0]
+    fn = ENV_METRICS.get(type(env).__name__)
+    metrics = fn(first) if fn else {}
+    metrics["reward/mean"] = float(np.mean([r["reward"] for r in records]))
+    metrics["tasks"] = float(len(first))
+    if num_samples > 1:
+        by_task: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        for r in records:
+            by_task[r["task"]].append(r)
+        metrics[f"pass@{num_samples}"] = float(
+            np.mean([any(_success(r) for r in rs) for rs in by_task.values()])
+        )
+        metrics[f"mean@{num_samples}"] = float(
+            np.mean([np.mean([_success(r) for r in rs]) for rs in by_task.values()])
+        )
+        metrics[f"best_reward@{num_samples}"] = float(
+            np.mean([max(r["reward"] for r in rs) for rs in by_task.values()])
+        )
+    return metrics
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _load_existing(path: Path) -> list[dict[str, Any]]:
+    """Records of a previous partial run; a half-written last line is dropped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
+
+
+def evaluate(
+    params: Any,
+    config: Any,
+    sampler: Sampler,
+    env: Env,
+    cfg: EvalConfig,
+    output_dir: str | Path | None = None,
+) -> EvalResult:
+    """Evaluate `params` on `env`; write records, metrics and plots to `output_dir`."""
+    del config
+    total = len(env) if cfg.max_eval_tasks is None else min(len(env), cfg.max_eval_tasks)
+    if total < 1:
+        raise ValueError("the environment has no tasks to evaluate")
+    tasks = np.random.default_rng(cfg.seed).permutation(len(env))[:total].tolist()
+    out = Path(output_dir) if output_dir is not None else None
+    records: list[dict[str, Any]] = []
+    done: set[int] = set()
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        previous = _load_existing(out / "records.jsonl")
+        counts: dict[int, int] = defaultdict(int)
+        for r in previous:
+            counts[r["task"]] += 1
+        done = {t for t, c in counts.items() if c >= cfg.num_samples}
+        records = [r for r in previous if r["task"] in done]
+        # rewrite without partial tasks, so appends continue from a clean file
+        (out / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    sampling = SamplingParams(
+        max_new_tokens=cfg.num_generation_tokens,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        num_samples=cfg.num_samples,
+    )
+    todo = [t for t in tasks if t not in done]
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=total - len(todo), desc="eval", file=sys.stderr)
+    start = time.perf_counter()
+    sink = (out / "records.jsonl").open("a") if out is not None else None
+    try:
+        for b0 in range(0, len(todo), cfg.batch_size):
+            batch = todo[b0 : b0 + cfg.batch_size]
+            # One key per task: a task's samples never depend on how tasks were batched, so
+            # a resumed evaluation reproduces the uninterrupted one.
+            base = jax.random.key(cfg.seed)
+            key = jax.vmap(lambda t, base=base: jax.random.fold_in(base, t))(jnp.asarray(batch))
+            resets = env.reset_many(batch)
+            gen = sampler.generate(params, [obs.messages for _, obs in resets], sampling, key)
+            for task, (state, obs), group in zip(batch, resets, gen.samples, strict=True):
+                results = env.step_many([state] * len(group), [s.text for s in group])
+                for j, (sample, result) in enumerate(zip(group, results, strict=True)):
+                    info = _jsonable(result.info)
+                    record = {
+                        "task": int(task),
+                        "sample": j,
+                        "prompt": _prompt_text(obs.messages),
+                        "image": _image_reference(state, int(task)),
+                        "completion": sample.text,
+                        "parsed": info.get("parsed", info.get("answer")),
+                        "reward": float(result.reward),
+                        "finish_reason": sample.finish_reason,
+                        "length": sample.length,
+                        "info": info,
+                        "state": _jsonable(state),
+                    }
+                    records.append(record)
+                    if sink is not None:
+                        sink.write(json.dumps(record) + "\n")
+                if sink is not None:
+                    sink.flush()
+            if bar is not None:
+                bar.update(len(batch))
+    finally:
+        if sink is not None:
+            sink.close()
+        if bar is not None:
+            bar.close()
+    records.sort(key=lambda r: (tasks.index(r["task"]), r["sample"]))
+    metrics = compute_metrics(env, records, cfg.num_samples)
+    metrics["eval_seconds"] = time.perf_counter() - start
+    if out is not None:
+        stable = {k: v for k, v in metrics.items() if k != "eval_seconds"}
+        (out / "metrics.json").write_text(json.dumps(stable, indent=2, sort_keys=True) + "\n")
+        write_plots(env, records, out)
+    return EvalResult(metrics=metrics, records=records)
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def write_plots(env: Env, records: list[dict[str, Any]], out: Path) -> list[Path]:
+    """The plots for this env: a world map for osv5m, a reward histogram otherwise."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    first = [r for r in records if r["sample"] == 0]
+    if type(env).__name__ == "OSV5MEnv":
+        fig, ax = plt.subplots(figsize=(10, 5))
+        ax.set_xlim(-180, 180)
+        ax.set_ylim(-90, 90)
+        ax.set_xlabel("longitude")
+        ax.set_ylabel("latitude")
+        ax.set_title("guesses (x) against truths (o)")
+        ax.grid(alpha=0.3)
+        dists = []
+        for r in first:
+            truth = r["state"]["truth"]
+            parsed = r["info"].get("parsed") or {}
+            lat, lon = parsed.get("latitude"), parsed.get("longitude")
+            ax.plot(truth["longitude"], truth["latitude"], "o", color="tab:green", ms=3)
+            if lat is None or lon is None:
+                continue
+            ax.plot(lon, lat, "x", color="tab:red", ms=3)
+            ax.plot(
+                [truth["longitude"], lon],
+                [truth["latitude"], lat],
+                "-",
+                color="grey",
+                lw=0.5,
+                alpha=0.6,
+            )
+            if r["info"].get("distance_km") is not None:
+                dists.append(float(r["info"]["distance_km"]))
+        fig.savefig(out / "world_scatter.png", dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        written.append(out / "world_scatter.png")
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.hist(dists or [0.0], bins=30, color="tab:blue")
+        ax.set_xlabel("distance to truth (km)")
+        ax.set_ylabel("images")
+        ax.set_title("distance histogram")
+        fig.savefig(out / "distance_hist.png", dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        written.append(out / "distance_hist.png")
+        return written
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.hist([r["reward"] for r in records], bins=20, color="tab:blue")
+    ax.set_xlabel("reward")
+    ax.set_ylabel("samples")
+    ax.set_title(f"reward histogram ({type(env).__name__})")
+    fig.savefig(out / "reward_hist.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    written.append(out / "reward_hist.png")
+    return written

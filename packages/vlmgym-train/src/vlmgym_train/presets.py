@@ -1,0 +1,56 @@
+"""Built-in model presets: a tiny randomly initialised Qwen2.5-VL with an offline tokenizer.
+
+`vlmgym-train` with no `--model_dir` trains this preset on the `shapes` environment. Its
+word-level tokenizer is built from the environment's own prompts, so every answer word is
+a single token and a random policy says the right word often enough for RL to start.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from vlmgym_envs import Env
+
+TINY_PRESET: dict[str, Any] = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vision_depth=2,
+    vision_hidden_size=32,
+    vision_heads=2,
+    fullatt_block_indexes=(1,),
+)
+
+
+def environment_texts(env: Env, max_tasks: int = 400) -> list[str]:
+    """Every text the tiny tokenizer must cover: prompts of the env's first tasks, and its
+    answer vocabulary when it declares one."""
+    texts: list[str] = []
+    for idx in range(min(len(env), max_tasks)):
+        _, obs = env.reset(idx)
+        for message in obs.messages:
+            content = message.get("content")
+            if isinstance(content, str):
+                texts.append(content)
+                continue
+            for part in content or []:
+                if part.get("type") == "text":
+                    texts.append(str(part.get("text", "")))
+    # An env (or its module) may declare its answer words: `answer_vocabulary() -> words`.
+    vocabulary = getattr(env, "answer_vocabulary", None) or getattr(
+        sys.modules.get(type(env).__module__), "answer_vocabulary", None
+    )
+    if callable(vocabulary):
+        texts.append(" ".join(vocabulary()))
+    return texts
+
+
+def write_tiny_preset(directory: str | Path, env: Env, *, seed: int = 0) -> Path:
+    """Write the tiny preset's model directory for `env` (tokenizer, config, random params)."""
+    from vlmgym_model.tiny import write_tiny_model
+
+    return write_tiny_model(directory, environment_texts(env), seed=seed, **TINY_PRESET)

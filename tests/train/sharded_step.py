@@ -1,0 +1,47 @@
+"""Run in a subprocess with 8 simulated CPU devices: one update, sharded vs single-device.
+
+Usage: python sharded_step.py RUN_ROOT FSDP TENSOR
+Prints `max_param_diff=... loss_diff=... sharded=...`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+
+import jax
+import numpy as np
+from vlmgym_train.config import TrainConfig
+from vlmgym_train.trainer import Trainer
+
+
+def main() -> None:
+    root, fsdp, tensor = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    assert jax.device_count() == 8
+    common = dict(
+        groups_per_batch=2, group_size=4, num_generation_tokens=3, total_steps=1,
+        progress=False, seed=0,
+    )  # fmt: skip
+    with jax.default_matmul_precision("highest"):
+        single = Trainer(TrainConfig(save_dir=f"{root}/single", mesh_fsdp=1, **common))
+        sharded = Trainer(
+            TrainConfig(save_dir=f"{root}/sharded", mesh_fsdp=fsdp, mesh_tensor=tensor, **common)
+        )
+        prepared = single.prepare(0)  # the same rollouts feed both updates
+        m_single = single.update(prepared, 0)
+        m_sharded = sharded.update(prepared, 0)
+    leaves = jax.tree.leaves(sharded.state.params)
+    n_sharded = sum(not leaf.sharding.is_fully_replicated for leaf in leaves)
+    a = jax.tree.leaves(jax.device_get(single.state.params))
+    b = jax.tree.leaves(jax.device_get(sharded.state.params))
+    diff = max(float(np.abs(x - y).max()) for x, y in zip(a, b, strict=True))
+    print(
+        f"max_param_diff={diff} loss_diff={abs(m_single['loss'] - m_sharded['loss'])} "
+        f"sharded={n_sharded} grad_norm={m_single['grad_norm']}"
+    )
+
+
+if __name__ == "__main__":
+    main()

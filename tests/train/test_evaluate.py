@@ -1,0 +1,103 @@
+"""The evaluation harness on the tiny preset: metrics, outputs, determinism, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import vlmgym_envs
+from fixtures.datasets import write_osv5m
+from vlmgym_envs.osv5m_metrics import osv5m_metrics
+from vlmgym_model import Processor, Sampler, load_model
+from vlmgym_train.eval_cli import main as eval_main
+from vlmgym_train.evaluate import EvalConfig, evaluate
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    config, params = load_model(tiny_model_dir, dtype=jnp.float32)
+    sampler = Sampler(config, Processor.from_model_dir(tiny_model_dir), length_buckets=(64, 128))
+    return config, params, sampler
+
+
+def run(model, env, out, **kw):
+    config, params, sampler = model
+    cfg = EvalConfig(num_generation_tokens=4, batch_size=4, **kw)
+    return evaluate(params, config, sampler, env, cfg, output_dir=out)
+
+
+def test_shapes_metrics_equal_the_envs_scoring(model, tmp_path):
+    env = vlmgym_envs.make("shapes", preset="medium")
+    result = run(model, env, tmp_path, max_eval_tasks=10, num_samples=3, temperature=1.0)
+    records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert len(records) == 30
+    assert json.loads((tmp_path / "metrics.json").read_text())["tasks"] == 10
+    assert (tmp_path / "reward_hist.png").stat().st_size > 0
+    # re-score every first completion with the env itself
+    correct: dict[str, list[bool]] = {}
+    for r in records:
+        state, _ = env.reset(r["task"])
+        step = env.step(state, r["completion"])
+        assert step.reward == r["reward"]
+        if r["sample"] == 0:
+            correct.setdefault(step.info["kind"], []).append(bool(step.info["correct"]))
+    for kind, values in correct.items():
+        assert result.metrics[f"accuracy/{kind}"] == pytest.approx(np.mean(values))
+    by_task: dict[int, list[float]] = {}
+    for r in records:
+        by_task.setdefault(r["task"], []).append(r["reward"])
+    assert result.metrics["best_reward@3"] == pytest.approx(
+        np.mean([max(v) for v in by_task.values()])
+    )
+
+
+def test_same_seed_same_metrics_and_resume(model, tmp_path):
+    env = vlmgym_envs.make("shapes")
+    a = run(model, env, tmp_path / "a", max_eval_tasks=8, num_samples=2, temperature=1.0, seed=3)
+    b = run(model, env, tmp_path / "b", max_eval_tasks=8, num_samples=2, temperature=1.0, seed=3)
+    assert {k: v for k, v in a.metrics.items() if k != "eval_seconds"} == {
+        k: v for k, v in b.metrics.items() if k != "eval_seconds"
+    }
+    # cut the output mid-way (with a half-written line) and resume
+    path = tmp_path / "b" / "records.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:5]) + "\n" + lines[5][:20])
+    c = run(model, env, tmp_path / "b", max_eval_tasks=8, num_samples=2, temperature=1.0, seed=3)
+    assert c.metrics["reward/mean"] == a.metrics["reward/mean"]
+    assert len(path.read_text().splitlines()) == 16
+    assert [r["completion"] for r in c.records] == [r["completion"] for r in a.records]
+
+
+def test_osv5m_metrics_and_plots(model, tmp_path):
+    data = tmp_path / "osv"
+    data.mkdir()
+    write_osv5m(data)
+    env = vlmgym_envs.make("osv5m", data_dir=data, split="test")
+    result = run(model, env, tmp_path / "out", max_eval_tasks=4)
+    records = result.records
+    lat = [r["info"]["parsed"]["latitude"] for r in records]
+    lon = [r["info"]["parsed"]["longitude"] for r in records]
+    ref = osv5m_metrics(
+        [math.nan if v is None else v for v in lat],
+        [math.nan if v is None else v for v in lon],
+        [r["state"]["truth"]["latitude"] for r in records],
+        [r["state"]["truth"]["longitude"] for r in records],
+    )
+    for k, v in ref.items():
+        assert result.metrics[k] == pytest.approx(v, nan_ok=True), k
+    assert (tmp_path / "out" / "world_scatter.png").stat().st_size > 0
+    assert (tmp_path / "out" / "distance_hist.png").stat().st_size > 0
+
+
+def test_eval_cli_prints_a_table(tiny_model_dir, tmp_path, capsys):
+    code = eval_main([
+        f"--model_dir={tiny_model_dir}", "--env_name=shapes", "--max_eval_tasks=4",
+        "--num_generation_tokens=3", "--dtype=float32", f"--output_dir={tmp_path}",
+    ])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "accuracy/color" in out and "reward/mean" in out
+    assert json.loads((tmp_path / "metrics.json").read_text())["tasks"] == 4

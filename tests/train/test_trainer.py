@@ -1,0 +1,116 @@
+"""The trainer end to end: sharded steps, kill and resume, NaN handling, learning."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import vlmgym_envs
+from vlmgym_envs import StepResult
+from vlmgym_envs.shapes import ShapesEnv
+from vlmgym_model.checkpoint import flatten_params
+from vlmgym_model import load_model
+from vlmgym_train.config import TrainConfig
+from vlmgym_train.trainer import Trainer, TrainingError
+
+SMALL = [
+    "--groups_per_batch=2", "--group_size=4", "--num_generation_tokens=3",
+    "--progress=false", "--seed=1",
+]  # fmt: skip
+HERE = Path(__file__).parent
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "vlmgym_train.cli", *args]
+
+
+def env_without_xla_flags() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+
+
+@pytest.mark.parametrize(("fsdp", "tensor"), [(2, 4)])
+def test_sharded_step_equals_unsharded(tmp_path, tol, fsdp, tensor):
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "sharded_step.py"), str(tmp_path), str(fsdp), str(tensor)],
+        capture_output=True, text=True, timeout=900, env=env_without_xla_flags(),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = re.search(r"max_param_diff=(\S+) loss_diff=(\S+) sharded=(\d+)", proc.stdout)
+    assert found, proc.stdout
+    assert float(found.group(1)) <= tol["float32"]
+    assert float(found.group(2)) <= tol["float32"]
+    assert int(found.group(3)) > 0, "no parameter was sharded"
+
+
+def metrics_rows(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    timing = re.compile(r"^(time/|tokens/s|samples/s|time$)")
+    return [{k: v for k, v in r.items() if not timing.match(k)} for r in rows]
+
+
+def test_kill_and_resume_matches_uninterrupted(tmp_path):
+    steps = ["--total_steps=24", "--save_interval=4"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    env = env_without_xla_flags()
+    subprocess.run(cli(f"--save_dir={full}", *SMALL, *steps), check=True, env=env, timeout=900)
+    proc = subprocess.Popen(
+        cli(f"--save_dir={killed}", *SMALL, *steps), env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.time() + 900
+    while not (killed / "checkpoints" / "8").is_dir():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "final_model").exists(), "the run was not killed mid-training"
+    subprocess.run(
+        cli(f"--save_dir={killed}", "--resume", *SMALL, *steps), check=True, env=env, timeout=900
+    )
+    a = metrics_rows(full)
+    b = metrics_rows(killed)
+    assert [r["step"] for r in b] == list(range(1, 25))
+    assert a == b
+    _, pa = load_model(full / "final_model", dtype=np.float32)
+    _, pb = load_model(killed / "final_model", dtype=np.float32)
+    fa, fb = flatten_params(pa), flatten_params(pb)
+    for name in fa:
+        np.testing.assert_array_equal(np.asarray(fa[name]), np.asarray(fb[name]), err_msg=name)
+
+
+class NaNRewards(ShapesEnv):
+    def step(self, state, text):
+        return StepResult(reward=float("nan"), done=True, info={})
+
+
+def test_non_finite_losses_skip_updates_then_stop_with_a_checkpoint(tmp_path, caplog):
+    vlmgym_envs.register("nan_shapes", NaNRewards, overwrite=True)
+    try:
+        cfg = TrainConfig(
+            env_name="nan_shapes", save_dir=str(tmp_path), groups_per_batch=2, group_size=2,
+            num_generation_tokens=2, total_steps=10, max_nan_steps=3, progress=False,
+        )  # fmt: skip
+        trainer = Trainer(cfg)
+        before = jax.device_get(trainer.state.params)
+        with caplog.at_level("WARNING"), pytest.raises(TrainingError, match="3 consecutive"):
+            trainer.run()
+    finally:
+        vlmgym_envs.unregister("nan_shapes")
+    assert "update skipped" in caplog.text
+    assert trainer.checkpointer.latest_step() == 3
+    after = jax.device_get(trainer.state.params)
+    for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
+        np.testing.assert_array_equal(x, y)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in rows] == [1.0, 1.0, 1.0]
