@@ -165,3 +165,10 @@ def test_answer_parsers_never_raise(text):
     assert word.word is None or word.word in VOCAB
     parsed = parse_bool(text)
     assert parsed.value in (None, True, False)
+
+
+def test_make_by_import_path():
+    env = vlmgym_envs.make("vlmgym_envs.shapes:ShapesEnv", preset="medium")
+    assert len(env) > 0 and env.config.max_shapes == 3
+    with pytest.raises(ModuleNotFoundError):
+        vlmgym_envs.make("no_such_module_xyz:Env")

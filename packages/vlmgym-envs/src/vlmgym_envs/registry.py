@@ -101,9 +101,19 @@ def available() -> dict[str, list[str]]:
 
 
 def resolve(name: str) -> EnvFactory:
-    """The factory registered under `name` or one of its aliases."""
+    """The factory registered under `name` or one of its aliases.
+
+    An unregistered `"package.module:Attribute"` is imported directly, so command lines
+    can name an environment that no imported module registered (`--env_name my.mod:Env`).
+    """
     key = _key(name)
     key = _ALIASES.get(key, key)
+    if key not in _FACTORIES and ":" in name:
+        module_name, _, attribute = name.strip().partition(":")
+        factory = getattr(importlib.import_module(module_name), attribute)
+        if not callable(factory):
+            raise TypeError(f"{name} is not callable")
+        return factory
     if key not in _FACTORIES:
         known = ", ".join(sorted([*_FACTORIES, *_ALIASES]))
         raise KeyError(f"no environment named {name!r}; known: {known}")

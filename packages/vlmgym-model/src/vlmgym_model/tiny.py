@@ -10,6 +10,7 @@ image placeholders and the Processor work exactly as with a real checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -231,6 +232,7 @@ def write_tiny_model(
     *,
     seed: int = 0,
     init_scale: float = 0.02,
+    vision_init_scale: float | None = None,
     **config_overrides: Any,
 ) -> Path:
     """Write a whole tiny model directory: word tokenizer, config.json and random params.
@@ -238,6 +240,8 @@ def write_tiny_model(
     Args:
       texts: text the tokenizer must cover (prompts and answer words).
       init_scale: std of the random weight matrices.
+      vision_init_scale: std of the vision tower's matrices (default: init_scale). A larger
+        one makes image features stand out against token embeddings from the start.
       **config_overrides: passed to `tiny_config_dict` (sizes).
     """
     import jax
@@ -252,5 +256,8 @@ def write_tiny_model(
     (directory / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     config = Qwen2_5_VLConfig.from_hf_dict(raw)
     params = init_random_params(config, jax.random.key(seed), scale=init_scale)
+    if vision_init_scale is not None:
+        vision = init_random_params(config, jax.random.key(seed + 1), scale=vision_init_scale)
+        params = dataclasses.replace(params, vision=vision.vision)
     save_model(directory, config, params, force=True)
     return directory

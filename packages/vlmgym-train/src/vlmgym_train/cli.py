@@ -29,9 +29,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vlmgym-train: error: {err}", file=sys.stderr)
         return 1
     summary = trainer.summary()
+    k = summary["window"]
     print(
-        f"vlmgym-train: {summary['steps']} steps; mean reward over the first 20 steps "
-        f"{summary['first_reward_mean']:.3f}, over the last 20 {summary['last_reward_mean']:.3f}"
+        f"vlmgym-train: {summary['steps']} steps; mean reward over the first {k} steps "
+        f"{summary['first_reward_mean']:.3f}, over the last {k} {summary['last_reward_mean']:.3f}"
         f"; policy saved to {summary['final_model']}",
         file=sys.stderr,
     )

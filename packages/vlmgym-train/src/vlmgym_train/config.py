@@ -115,8 +115,9 @@ class TrainConfig:
             "max_turns",
             "save_interval",
         ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be >= 1, got {value}")
         if (self.groups_per_batch * self.group_size) % self.minibatches:
             raise ValueError(
                 f"--minibatches {self.minibatches} must divide groups_per_batch * group_size "
@@ -132,6 +133,8 @@ class TrainConfig:
             raise ValueError("--env_kwargs must be a JSON object")
         if self.resume and not self.save_dir:
             raise ValueError("--resume needs --save_dir (the run to continue)")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
         if self.test_interval and not self.test_env_name:
             raise ValueError("--test_interval needs --test_env_name")
 

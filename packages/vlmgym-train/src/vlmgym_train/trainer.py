@@ -574,10 +574,17 @@ class Trainer:
         (self.run_dir / "summary.json").write_text(json.dumps(self.summary(), indent=2) + "\n")
 
     def summary(self) -> dict[str, Any]:
-        rewards = [h["reward/mean"] for h in self.history]
+        """Reward means over the first and last 20 steps of the whole run (resumes included)."""
+        jsonl = self.run_dir / "metrics.jsonl"
+        if jsonl.is_file():
+            rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+            rewards = [r["reward/mean"] for r in rows if "reward/mean" in r]
+        else:
+            rewards = [h["reward/mean"] for h in self.history]
         k = min(20, len(rewards))
         return {
             "steps": len(rewards),
+            "window": k,
             "first_reward_mean": float(np.mean(rewards[:k])) if rewards else None,
             "last_reward_mean": float(np.mean(rewards[-k:])) if rewards else None,
             "final_model": str(self.run_dir / "final_model"),
