@@ -17,8 +17,8 @@ import pytest
 import vlmgym_envs
 from vlmgym_envs import StepResult
 from vlmgym_envs.shapes import ShapesEnv
-from vlmgym_model.checkpoint import flatten_params
 from vlmgym_model import load_model
+from vlmgym_model.checkpoint import flatten_params
 from vlmgym_train.config import TrainConfig
 from vlmgym_train.trainer import Trainer, TrainingError
 

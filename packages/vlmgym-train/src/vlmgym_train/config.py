@@ -35,8 +35,9 @@ class TrainConfig:
     groups_per_batch: int = _f(8, "tasks per step (GRPO groups)")
     group_size: int = _f(16, "samples per task")
     num_generation_tokens: int | None = _f(
-        None, "max new tokens per completion (default: 2 for the tiny preset, one word and a "
-        "stop; 256 with --model_dir)"
+        None,
+        "max new tokens per completion (default: 2 for the tiny preset, one word and a "
+        "stop; 256 with --model_dir)",
     )
     temperature: float = _f(1.0, "sampling temperature")
     top_k: int = _f(0, "top-k when sampling (0 = off)")

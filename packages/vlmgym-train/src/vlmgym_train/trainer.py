@@ -454,9 +454,7 @@ class Trainer:
                 "length/mean": float(lengths.mean()),
                 "length/max": float(lengths.max()),
                 "truncated/frac": float(batch.truncated.mean()),
-                "groups/zero_variance": float(
-                    (~np.asarray(dynamic_sampling_mask(rewards))).mean()
-                ),
+                "groups/zero_variance": float((~np.asarray(dynamic_sampling_mask(rewards))).mean()),
                 "time/ref_logprob_s": t_ref,
                 "time/update_s": t_update,
                 "tokens/s": float(lengths.sum()) / max(stats.get("time/sample_s", 0.0), 1e-9),
