@@ -1,0 +1,28 @@
+"""The default run (`vlmgym-train` with no arguments) visibly learns, within CI's budget."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from vlmgym_envs.shapes import ShapesEnv
+
+
+def test_default_run_learns(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "vlmgym_train.cli", f"--save_dir={tmp_path}", "--progress=false"],
+        capture_output=True, text=True, env=env, timeout=1500,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    first, last = summary["first_reward_mean"], summary["last_reward_mean"]
+    chance = ShapesEnv().chance_reward()["uniform_kind"]  # a random colour word, exact
+    print(f"\nmean reward: first 20 steps {first:.3f}, last 20 steps {last:.3f}, chance {chance}")
+    assert summary["steps"] == 200
+    assert last > first + 0.25, (first, last)
+    assert last > chance + 0.05, (last, chance)
+    assert (tmp_path / "reward.png").stat().st_size > 0
+    assert (tmp_path / "final_model" / "params").is_dir()
