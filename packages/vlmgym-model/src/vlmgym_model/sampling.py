@@ -514,7 +514,7 @@ class Sampler:
         if grids is not None and len(grids):
             features = vision.encode_images(
                 params.vision, self.config.vision, pixel_values, grids, impl=self.impl
-            )
+            ).block_until_ready()  # so vision_s times the tower, not its dispatch
             rows, cols = np.nonzero(padded == self.config.image_token_id)
             index = (jnp.asarray(rows, jnp.int32), jnp.asarray(cols, jnp.int32))
         t_vision = time.perf_counter()
