@@ -114,3 +114,16 @@ def test_non_finite_losses_skip_updates_then_stop_with_a_checkpoint(tmp_path, ca
         np.testing.assert_array_equal(x, y)
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in rows] == [1.0, 1.0, 1.0]
+
+
+def test_periodic_test_logs_the_eval_metrics(tmp_path):
+    cfg = TrainConfig(
+        save_dir=str(tmp_path), groups_per_batch=2, group_size=2, total_steps=2,
+        test_env_name="shapes", test_interval=2, test_tasks=4, progress=False,
+    )  # fmt: skip
+    Trainer(cfg).run()
+    saved = json.loads((tmp_path / "eval" / "step_000002" / "metrics.json").read_text())
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "test/accuracy" in r]
+    assert len(logged) == 1 and logged[0]["step"] == 2
+    assert logged[0]["test/accuracy"] == saved["accuracy"] and saved["tasks"] == 4
