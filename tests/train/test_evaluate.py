@@ -24,9 +24,9 @@ def model(tiny_model_dir):
 
 
 def run(model, env, out, **kw):
-    config, params, sampler = model
+    _, params, sampler = model
     cfg = EvalConfig(num_generation_tokens=4, batch_size=4, **kw)
-    return evaluate(params, config, sampler, env, cfg, output_dir=out)
+    return evaluate(params, sampler, env, cfg, output_dir=out)
 
 
 def test_shapes_metrics_equal_the_envs_scoring(model, tmp_path):

@@ -63,7 +63,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     sampler = Sampler(config, processor, impl=args.attention_impl, max_pixels=args.vlm_max_pixels)
     result = evaluate(
         params,
-        config,
         sampler,
         env,
         EvalConfig(

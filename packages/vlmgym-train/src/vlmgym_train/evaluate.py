@@ -194,14 +194,12 @@ def _load_existing(path: Path) -> list[dict[str, Any]]:
 
 def evaluate(
     params: Any,
-    config: Any,
     sampler: Sampler,
     env: Env,
     cfg: EvalConfig,
     output_dir: str | Path | None = None,
 ) -> EvalResult:
     """Evaluate `params` on `env`; write records, metrics and plots to `output_dir`."""
-    del config
     total = len(env) if cfg.max_eval_tasks is None else min(len(env), cfg.max_eval_tasks)
     if total < 1:
         raise ValueError("the environment has no tasks to evaluate")

@@ -536,7 +536,6 @@ class Trainer:
         cfg = self.cfg
         result = evaluate(
             self.rollout_params(),
-            self.config,
             self.sampler,
             make_env(cfg.test_env_name or cfg.env_name, **cfg.env_kwargs_dict),
             EvalConfig(
