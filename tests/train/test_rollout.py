@@ -9,7 +9,14 @@ import pytest
 import vlmgym_envs
 from vlmgym_model import Processor, Sampler, SamplingParams, forward, load_model
 from vlmgym_train.policy import PolicyStatics, compute_logprobs, to_policy_inputs
-from vlmgym_train.rollout import build_batch, image_layout_arrays, merge_rounds, run_groups
+from vlmgym_train.rollout import (
+    build_batch,
+    image_layout_arrays,
+    merge_rounds,
+    round_from_arrays,
+    round_to_arrays,
+    run_groups,
+)
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +92,47 @@ def test_multi_turn_rollouts_add_a_row_per_turn(setup):
     assert batch.input_ids.shape[0] == sum(t.turns for t in trajs)
     for i, t in enumerate(trajs):
         assert (batch.trajectory == i).sum() == t.turns
+
+
+def test_shares_of_a_round_equal_the_whole_round(setup, tol):
+    """What two processes roll out (each its share, then exchanged as arrays) equals what
+    one process rolls out, sample for sample, over several turns."""
+    config, params, processor, _, _ = setup
+    sampler = Sampler(config, processor, length_buckets=(64, 128))
+    env = vlmgym_envs.make("shapes", max_turns=2)
+    sp = SamplingParams(max_new_tokens=3, temperature=1.0, num_samples=2)
+    key = jax.random.key(4)
+    whole, whole_turns, _ = run_groups(env, sampler, params, [0, 1, 2, 3], sp, key, max_turns=2)
+    shares = [
+        run_groups(env, sampler, params, tasks, sp, key, max_turns=2, group_offset=offset)[:2]
+        for tasks, offset in (([0, 1], 0), ([2, 3], 2))
+    ]
+    merged, merged_turns = merge_rounds(
+        [round_from_arrays(round_to_arrays(*share)) for share in shares]
+    )
+    assert [t.group for t in merged] == [t.group for t in whole] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert any(t.turns == 2 for t in whole), "no trajectory took a second turn"
+    for a, b in zip(whole, merged, strict=True):
+        assert (a.task, a.texts, a.reward, a.turns) == (b.task, b.texts, b.reward, b.turns)
+        assert a.info["finish_reason"] == b.info["finish_reason"]
+    ba = build_batch(config, whole_turns, 3, sampler.pad_token_id)
+    bb = build_batch(config, merged_turns, 3, sampler.pad_token_id)
+
+    # rows come in another order (share by share); match them by (trajectory, prompt)
+    def key_rows(batch):
+        return sorted(
+            range(len(batch.trajectory)),
+            key=lambda r: (batch.trajectory[r], int(batch.segment_ids[r].sum())),
+        )
+
+    ra, rb = key_rows(ba), key_rows(bb)
+    for name in ("targets", "mask", "input_ids", "segment_ids", "trajectory"):
+        np.testing.assert_array_equal(getattr(ba, name)[ra], getattr(bb, name)[rb], err_msg=name)
+    # log-probs of the same tokens, computed in batches of 4 vs 2 prompts: equal up to the
+    # matmul's summation order
+    np.testing.assert_allclose(ba.old_logp[ra], bb.old_logp[rb], atol=tol["float32"], rtol=0)
+    np.testing.assert_array_equal(ba.positions[:, ra], bb.positions[:, rb])
+    assert ba.pixel_values is not None and bb.pixel_values is not None
+    np.testing.assert_array_equal(
+        np.sort(ba.pixel_values, axis=0), np.sort(bb.pixel_values, axis=0)
+    )

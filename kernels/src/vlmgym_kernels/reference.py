@@ -99,9 +99,7 @@ def decode_attention(
     valid = idx < lengths[:, None]
     if starts is not None:
         valid = valid & (idx >= starts[:, None])
-    out = _masked_softmax_attention(
-        q.reshape(B, 1, K, N // K, H), k, v, valid[:, None, :], scale
-    )
+    out = _masked_softmax_attention(q.reshape(B, 1, K, N // K, H), k, v, valid[:, None, :], scale)
     return out.reshape(B, N, H)
 
 

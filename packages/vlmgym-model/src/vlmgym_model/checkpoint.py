@@ -66,16 +66,28 @@ def unflatten_params(config: Qwen2_5_VLConfig, flat: dict[str, Any]) -> Qwen2_5_
 
 
 def save_params(path: str | Path, params: Qwen2_5_VLWeights, *, force: bool = False) -> None:
-    """Write params as an orbax checkpoint at `path` (a directory it creates)."""
+    """Write params as an orbax checkpoint at `path` (a directory it creates).
+
+    In a multi-process run, global arrays are written by all processes together (each
+    call is collective). Host arrays (numpy, or arrays on this process's devices only)
+    are written by the calling process alone, without waiting for the others.
+    """
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
+    flat = flatten_params(params)
+    options = ocp.options.MultiprocessingOptions()
+    local = all(not isinstance(a, jax.Array) or a.is_fully_addressable for a in flat.values())
+    if jax.process_count() > 1 and local:
+        me = jax.process_index()
+        options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+        flat = {n: np.asarray(jax.device_get(a)) for n, a in flat.items()}
     if path.exists():
         if not force:
             raise FileExistsError(f"{path} exists; pass force=True to overwrite it")
         shutil.rmtree(path)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(path, flatten_params(params))
+    with ocp.StandardCheckpointer(multiprocessing_options=options) as ckptr:
+        ckptr.save(path, flat)
 
 
 def load_params(

@@ -89,6 +89,9 @@ class TrainConfig:
     coordinator_address: str | None = _f(None, "multi-host: host:port of process 0")
     num_processes: int | None = _f(None, "multi-host: number of processes")
     process_id: int | None = _f(None, "multi-host: this process's id")
+    distributed: bool = _f(
+        False, "multi-host: start jax.distributed from the cluster's environment (SLURM, MPI, TPU)"
+    )
     # --- bookkeeping
     save_dir: str | None = _f(None, "run directory (default: runs/<env>-<time>)")
     save_interval: int = _f(50, "checkpoint every N steps")

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from vlmgym_model.qwen2_5_vl import text
 from vlmgym_model.qwen2_5_vl.config import Qwen2_5_VLConfig
 from vlmgym_model.qwen2_5_vl.model import Qwen2_5_VLWeights, embed_inputs
@@ -148,20 +150,26 @@ def compute_logprobs(
     return policy_logprobs(params, config, batch, statics)
 
 
-def to_policy_inputs(batch: Any, layout: dict[str, Any]) -> tuple[PolicyInputs, dict[str, int]]:
-    """Device arrays from a `RolloutBatch` plus its vision layout; returns static bounds."""
+def to_policy_inputs(
+    batch: Any, layout: dict[str, Any], asarray: Callable[[Any], Any] = jnp.asarray
+) -> tuple[PolicyInputs, dict[str, int]]:
+    """Arrays from a `RolloutBatch` plus its vision layout; returns static bounds.
+
+    `asarray` makes each leaf: `jnp.asarray` (default device), or `np.asarray` to keep the
+    batch on the host (then slice it with `slice_rows` and place it on a mesh).
+    """
     arrays = {
-        k: jnp.asarray(v) for k, v in layout.items() if k not in ("max_window_len", "max_image_len")
+        k: asarray(v) for k, v in layout.items() if k not in ("max_window_len", "max_image_len")
     }
     inputs = PolicyInputs(
-        input_ids=jnp.asarray(batch.input_ids),
-        segment_ids=jnp.asarray(batch.segment_ids),
-        positions=jnp.asarray(batch.positions),
-        targets=jnp.asarray(batch.targets),
-        image_rows=jnp.asarray(batch.image_rows),
-        image_cols=jnp.asarray(batch.image_cols),
-        image_feature_index=jnp.asarray(batch.image_feature_index),
-        pixel_values=None if batch.pixel_values is None else jnp.asarray(batch.pixel_values),
+        input_ids=asarray(batch.input_ids),
+        segment_ids=asarray(batch.segment_ids),
+        positions=asarray(batch.positions),
+        targets=asarray(batch.targets),
+        image_rows=asarray(batch.image_rows),
+        image_cols=asarray(batch.image_cols),
+        image_feature_index=asarray(batch.image_feature_index),
+        pixel_values=None if batch.pixel_values is None else asarray(batch.pixel_values),
         layout=arrays or None,
     )
     bounds = {
@@ -172,12 +180,15 @@ def to_policy_inputs(batch: Any, layout: dict[str, Any]) -> tuple[PolicyInputs, 
 
 
 def slice_rows(inputs: PolicyInputs, rows: Any) -> PolicyInputs:
-    """The same batch restricted to some rows (images and their scatter indices follow)."""
-    import numpy as np
+    """The same batch restricted to some rows (images and their scatter indices follow).
 
+    Works on host (numpy) or fully addressable device inputs; the scatter indices come back
+    as numpy arrays.
+    """
     rows = np.asarray(rows)
-    keep = np.isin(np.asarray(inputs.image_rows), rows)
-    remap = np.full(int(np.asarray(inputs.input_ids).shape[0]), -1, np.int32)
+    image_rows = np.asarray(inputs.image_rows)
+    keep = np.isin(image_rows, rows)
+    remap = np.full(int(np.shape(inputs.input_ids)[0]), -1, np.int32)
     remap[rows] = np.arange(len(rows), dtype=np.int32)
     return dataclasses.replace(
         inputs,
@@ -185,7 +196,7 @@ def slice_rows(inputs: PolicyInputs, rows: Any) -> PolicyInputs:
         segment_ids=inputs.segment_ids[rows],
         positions=inputs.positions[:, rows],
         targets=inputs.targets[rows],
-        image_rows=jnp.asarray(remap[np.asarray(inputs.image_rows)[keep]]),
-        image_cols=jnp.asarray(np.asarray(inputs.image_cols)[keep]),
-        image_feature_index=jnp.asarray(np.asarray(inputs.image_feature_index)[keep]),
+        image_rows=remap[image_rows[keep]],
+        image_cols=np.asarray(inputs.image_cols)[keep],
+        image_feature_index=np.asarray(inputs.image_feature_index)[keep],
     )

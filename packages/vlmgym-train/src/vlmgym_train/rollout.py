@@ -13,16 +13,18 @@ trajectory share the trajectory's total reward, hence its advantage.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from vlmgym_envs import Env, Observation, StepResult
 from vlmgym_model.qwen2_5_vl.config import Qwen2_5_VLConfig
 from vlmgym_model.qwen2_5_vl.vision import vision_layout
-from vlmgym_model.sampling import Generation, Sampler, SamplingParams
+from vlmgym_model.sampling import Generation, Sample, Sampler, SamplingParams
 
 
 @dataclasses.dataclass
@@ -87,6 +89,10 @@ def _append_assistant(messages: list[dict[str, Any]], text: str) -> None:
     messages.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
 
 
+def _keys(key: jax.Array, indices: np.ndarray) -> jax.Array:
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(indices, jnp.uint32))
+
+
 def run_groups(
     env: Env,
     sampler: Sampler,
@@ -97,8 +103,15 @@ def run_groups(
     *,
     max_turns: int = 1,
     reward_hook: Callable[[list[StepResult]], None] | None = None,
+    group_offset: int = 0,
 ) -> tuple[list[Trajectory], list[TurnRows], dict[str, float]]:
-    """Sample `sampling.num_samples` trajectories for each task and score them."""
+    """Sample `sampling.num_samples` trajectories for each task and score them.
+
+    Task g draws its first turn from `fold_in(key_turn, group_offset + g)` and trajectory i
+    continues from `fold_in(key_turn, group_offset * n + i)`: a process rolling out a share
+    of a step (`group_offset` = the global index of its first task) draws exactly the
+    samples a single process rolling out the whole step would.
+    """
     n = sampling.num_samples
     t0 = time.perf_counter()
     resets = env.reset_many(tasks)
@@ -120,13 +133,16 @@ def run_groups(
         if turn == 0:
             # One prefill per task, its KV rows copied to the task's n samples.
             heads = live[::n]
-            gen = sampler.generate(params, [trajectories[i].messages for i in heads], sampling, sub)
+            keys = _keys(sub, group_offset + np.arange(len(heads)))
+            prompts = [trajectories[i].messages for i in heads]
+            gen = sampler.generate(params, prompts, sampling, keys)
             owners = heads
             samples = [s for group in gen.samples for s in group]
             sample_owner = live
         else:
             single = dataclasses.replace(sampling, num_samples=1)
-            gen = sampler.generate(params, [trajectories[i].messages for i in live], single, sub)
+            keys = _keys(sub, group_offset * n + np.asarray(live))
+            gen = sampler.generate(params, [trajectories[i].messages for i in live], single, keys)
             owners = live
             samples = [group[0] for group in gen.samples]
             sample_owner = live
@@ -183,6 +199,145 @@ def merge_rounds(
         )
         groups += (max(t.group for t in trajs) + 1) if trajs else 0
     return trajectories, turns
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
+
+
+def round_to_arrays(
+    trajectories: Sequence[Trajectory], turns: Sequence[TurnRows]
+) -> dict[str, np.ndarray]:
+    """A `run_groups` result as plain arrays (for `round_from_arrays` on another host).
+
+    Kept: everything training and logging read (tokens, log-probs, prompts, images,
+    rewards, texts, info made JSON-safe). Dropped: conversations and env states, which
+    only the process that rolled a trajectory out needs.
+    """
+    meta: dict[str, Any] = {
+        "trajectories": [
+            {
+                "task": t.task,
+                "group": t.group,
+                "reward": t.reward,
+                "done": t.done,
+                "turns": t.turns,
+                "texts": t.texts,
+                "info": t.info,
+            }
+            for t in trajectories
+        ],
+        "turns": [],
+    }
+    out: dict[str, np.ndarray] = {}
+    for i, turn in enumerate(turns):
+        gen = turn.generation
+        samples = [s for group in gen.samples for s in group]
+        meta["turns"].append(
+            {
+                "owners": list(turn.trajectories),
+                "group_sizes": [len(g) for g in gen.samples],
+                "finish": [s.finish_reason for s in samples],
+                "texts": [s.text for s in samples],
+                "timings": gen.timings,
+                "images": gen.image_grid_thw is not None,
+            }
+        )
+        out[f"{i}/prompt_ids"] = gen.prompt_ids
+        out[f"{i}/prompt_mask"] = gen.prompt_mask
+        out[f"{i}/prompt_positions"] = gen.prompt_positions
+        out[f"{i}/rope_deltas"] = gen.rope_deltas
+        out[f"{i}/lengths"] = np.array([s.length for s in samples], np.int64)
+        out[f"{i}/tokens"] = np.concatenate([s.tokens for s in samples]).astype(np.int32)
+        out[f"{i}/logprobs"] = np.concatenate([s.logprobs for s in samples]).astype(np.float32)
+        out[f"{i}/sampling_logprobs"] = np.concatenate(
+            [s.sampling_logprobs for s in samples]
+        ).astype(np.float32)
+        if gen.image_grid_thw is not None:
+            assert gen.pixel_values is not None
+            out[f"{i}/pixel_values"] = gen.pixel_values
+            out[f"{i}/image_grid_thw"] = gen.image_grid_thw
+    blob = json.dumps(meta, default=_json_default).encode()
+    out["meta"] = np.frombuffer(blob, np.uint8)
+    return out
+
+
+def round_from_arrays(
+    arrays: Mapping[str, np.ndarray],
+) -> tuple[list[Trajectory], list[TurnRows]]:
+    """The inverse of `round_to_arrays` (trajectories come back without messages/state)."""
+    meta = json.loads(np.asarray(arrays["meta"], np.uint8).tobytes())
+    trajectories = [
+        Trajectory(
+            task=t["task"],
+            group=t["group"],
+            messages=[],
+            state=None,
+            reward=t["reward"],
+            done=t["done"],
+            turns=t["turns"],
+            texts=list(t["texts"]),
+            info=dict(t["info"]),
+        )
+        for t in meta["trajectories"]
+    ]
+    turns = []
+    for i, tm in enumerate(meta["turns"]):
+        lengths = arrays[f"{i}/lengths"]
+        ends = np.cumsum(lengths)
+        starts = ends - lengths
+        flat = [
+            Sample(
+                prompt_index=0,
+                tokens=arrays[f"{i}/tokens"][a:b],
+                logprobs=arrays[f"{i}/logprobs"][a:b],
+                sampling_logprobs=arrays[f"{i}/sampling_logprobs"][a:b],
+                finish_reason=finish,
+                text=text,
+            )
+            for a, b, finish, text in zip(starts, ends, tm["finish"], tm["texts"], strict=True)
+        ]
+        samples: list[list[Sample]] = []
+        k = 0
+        for b, size in enumerate(tm["group_sizes"]):
+            group = flat[k : k + size]
+            for s in group:
+                s.prompt_index = b
+            samples.append(group)
+            k += size
+        gen = Generation(
+            samples=samples,
+            prompt_ids=arrays[f"{i}/prompt_ids"],
+            prompt_mask=arrays[f"{i}/prompt_mask"],
+            prompt_positions=arrays[f"{i}/prompt_positions"],
+            rope_deltas=arrays[f"{i}/rope_deltas"],
+            timings=dict(tm["timings"]),
+            pixel_values=arrays[f"{i}/pixel_values"] if tm["images"] else None,
+            image_grid_thw=arrays[f"{i}/image_grid_thw"] if tm["images"] else None,
+        )
+        turns.append(TurnRows(generation=gen, trajectories=list(tm["owners"])))
+    return trajectories, turns
+
+
+def gather_round(
+    trajectories: Sequence[Trajectory], turns: Sequence[TurnRows]
+) -> tuple[list[Trajectory], list[TurnRows]]:
+    """Every process's share of a round, merged in process order (identical everywhere).
+
+    Each process passes the `run_groups` result of its contiguous share of the round's
+    tasks; all get back the whole round, as `merge_rounds` of the shares. With one process
+    it is the identity.
+    """
+    from vlmgym_train.distributed import allgather_arrays
+
+    if jax.process_count() == 1:
+        return list(trajectories), list(turns)
+    shares = allgather_arrays(round_to_arrays(trajectories, turns))
+    return merge_rounds([round_from_arrays(share) for share in shares])
 
 
 def _images_of_prompts(

@@ -29,14 +29,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 from vlmgym_envs import Env
 from vlmgym_envs import make as make_env
-from vlmgym_model import Processor, load_model, make_mesh, param_specs, save_model
+from vlmgym_model import Processor, load_model, param_specs, save_model
 from vlmgym_model.qwen2_5_vl.config import Qwen2_5_VLConfig
 from vlmgym_model.sampling import Sampler, SamplingParams
 from vlmgym_model.sharding import ShardingRules
 from vlmgym_model.weights import param_shardings
 
+from vlmgym_train import distributed
 from vlmgym_train.advantages import dynamic_sampling_mask, get_advantage
 from vlmgym_train.checkpointing import TrainCheckpointer, TrainState
 from vlmgym_train.config import TrainConfig
@@ -62,6 +64,7 @@ from vlmgym_train.rollout import (
     Trajectory,
     TurnRows,
     build_batch,
+    gather_round,
     image_layout_arrays,
     merge_rounds,
     run_groups,
@@ -163,24 +166,31 @@ class Trainer:
         assert cfg.num_generation_tokens is not None and cfg.lr is not None
         self.cfg = cfg
         self.max_new_tokens: int = cfg.num_generation_tokens
-        if cfg.coordinator_address or cfg.num_processes:
-            jax.distributed.initialize(
-                coordinator_address=cfg.coordinator_address,
-                num_processes=cfg.num_processes,
-                process_id=cfg.process_id,
-            )
+        distributed.initialize(
+            cfg.coordinator_address, cfg.num_processes, cfg.process_id, auto=cfg.distributed
+        )
         self.is_main = jax.process_index() == 0
-        self.run_dir = Path(cfg.save_dir or f"runs/{cfg.env_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if cfg.groups_per_batch % jax.process_count():
+            raise ValueError(
+                f"--groups_per_batch {cfg.groups_per_batch} must be a multiple of the "
+                f"{jax.process_count()} processes (each rolls out an equal share)"
+            )
+        # Every process must agree on the run directory: process 0's name wins.
+        default_dir = f"runs/{cfg.env_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        self.run_dir = Path(
+            cfg.save_dir or distributed.allgather_bytes(default_dir.encode())[0].decode()
+        )
         ckpt_dir = self.run_dir / "checkpoints"
         if not cfg.resume and ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
             raise FileExistsError(
                 f"{self.run_dir} already holds checkpoints; pass --resume to continue it or "
                 "choose another --save_dir"
             )
+        distributed.sync("vlmgym_train:checked_run_dir")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.env: Env = make_env(cfg.env_name, **cfg.env_kwargs_dict)
         self.model_dir = self._model_dir()
-        self.mesh = make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor)
+        self.mesh = distributed.process_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor)
         self.rules = ShardingRules()
         self.param_dtype = _dtype(cfg.param_dtype)
         self.compute_dtype = _dtype(cfg.compute_dtype)
@@ -219,7 +229,12 @@ class Trainer:
         self.state = jax.jit(
             lambda p: TrainState.create(p, self.tx, jax.random.key(cfg.seed)),
             in_shardings=(shardings,),
+            out_shardings=None,
         )(params)
+        self.state = self.state.replace(params=jax.device_put(self.state.params, shardings))
+        # Every update writes the state back with these shardings: the params stay laid out
+        # as the rules say (whole replicas per host), and nothing recompiles on their account.
+        self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
         self.ref_params = (
             jax.tree.map(jnp.copy, params) if cfg.kl_coef > 0 else None
         )  # frozen reference policy
@@ -268,8 +283,9 @@ class Trainer:
         from vlmgym_train.presets import write_tiny_preset
 
         target = self.run_dir / "init_model"
-        if not (target / "params").is_dir():
+        if self.is_main and not (target / "params").is_dir():
             write_tiny_preset(target, self.env, seed=self.cfg.seed)
+        distributed.sync("vlmgym_train:init_model")
         return target
 
     def _step_fn(self, statics: PolicyStatics) -> Any:
@@ -286,14 +302,45 @@ class Trainer:
                     compute_dtype=self.compute_dtype,
                 ),
                 donate_argnums=(0,),
+                out_shardings=(self.state_shardings, NamedSharding(self.mesh, PartitionSpec())),
             )
         return self._steps[key]
 
+    def _place(self, x: Any, batch_dim: int | None = None) -> Any:
+        """A host array on the mesh: rows (`batch_dim`) split over ("data", "fsdp") when
+        they divide evenly, everything else replicated."""
+        if x is None:
+            return None
+        axes: list[str | None] = [None] * np.ndim(x)
+        if batch_dim is not None:
+            axes[batch_dim] = "batch"
+        spec = self.rules.partition_spec(axes, np.shape(x), self.mesh)
+        return distributed.put(x, self.mesh, spec)
+
+    def _place_inputs(self, inputs: PolicyInputs) -> PolicyInputs:
+        p = self._place
+        return PolicyInputs(
+            input_ids=p(inputs.input_ids, 0),
+            segment_ids=p(inputs.segment_ids, 0),
+            positions=p(inputs.positions, 1),
+            targets=p(inputs.targets, 0),
+            image_rows=p(inputs.image_rows),
+            image_cols=p(inputs.image_cols),
+            image_feature_index=p(inputs.image_feature_index),
+            pixel_values=p(inputs.pixel_values),
+            layout=None if inputs.layout is None else {k: p(v) for k, v in inputs.layout.items()},
+        )
+
     def rollout_params(self) -> Any:
-        """The params the sampler reads: the trained pytree itself, or its compute cast."""
-        if self.compute_dtype == self.param_dtype:
-            return self.state.params
-        return cast_for_compute(self.state.params, self.compute_dtype)
+        """The params the sampler reads: the trained pytree itself, or its compute cast.
+
+        With several processes, this host's complete replica of them (no copy), so each
+        process samples on its own devices.
+        """
+        params = self.state.params
+        if self.compute_dtype != self.param_dtype:
+            params = cast_for_compute(params, self.compute_dtype)
+        return distributed.local_view(params, self.mesh)
 
     # ------------------------------------------------------------------ one step
 
@@ -315,17 +362,23 @@ class Trainer:
         informative: list[int] = []
         uninformative: list[int] = []
         groups_seen = 0
+        n_proc = jax.process_count()
         for attempt in range(cfg.max_refill_rounds + 1 if cfg.dynamic_sampling else 1):
             need = cfg.groups_per_batch - len(informative) if attempt else cfg.groups_per_batch
+            need = -(-need // n_proc) * n_proc  # an equal share for every process
+            tasks, offset = distributed.share(self.data.take(need))
             trajs, turns, timings = run_groups(
                 self.env,
                 self.sampler,
                 params,
-                self.data.take(need),
+                tasks,
                 self.sampling,
                 jax.random.fold_in(key, attempt),
                 max_turns=cfg.max_turns,
+                group_offset=offset,
             )
+            stats["rollout/groups_local"] = stats.get("rollout/groups_local", 0.0) + len(tasks)
+            trajs, turns = gather_round(trajs, turns)
             rounds.append((trajs, turns))
             for k, v in timings.items():
                 stats[k] = stats.get(k, 0.0) + v
@@ -394,7 +447,7 @@ class Trainer:
         batch = prepared.batch
         t1 = time.perf_counter()
         layout = image_layout_arrays(self.config, batch.image_grid_thw)
-        inputs, bounds = to_policy_inputs(batch, layout)
+        inputs, bounds = to_policy_inputs(batch, layout, asarray=np.asarray)
         statics = PolicyStatics(
             prompt_len=batch.prompt_len,
             impl=cfg.attention_impl,
@@ -405,12 +458,13 @@ class Trainer:
         )
         ref_logp = None
         if self.ref_params is not None:
-            ref_logp, _ = compute_logprobs(
+            ref_logp_dev, _ = compute_logprobs(
                 cast_for_compute(self.ref_params, self.compute_dtype),
-                inputs,
+                self._place_inputs(inputs),
                 config=self.config,
                 statics=statics,
             )
+            ref_logp = distributed.to_host(ref_logp_dev)
         t_ref = time.perf_counter() - t1
 
         t2 = time.perf_counter()
@@ -423,12 +477,12 @@ class Trainer:
             for rows in np.split(order, cfg.minibatches):
                 sub = inputs if cfg.minibatches == 1 else slice_rows(inputs, rows)
                 arrays = LossArrays(
-                    old_logp=jnp.asarray(batch.old_logp[rows]),
-                    mask=jnp.asarray(prepared.mask[rows]),
-                    advantages=jnp.asarray(prepared.row_advantages[rows]),
-                    ref_logp=None if ref_logp is None else ref_logp[rows],
+                    old_logp=self._place(batch.old_logp[rows], 0),
+                    mask=self._place(prepared.mask[rows], 0),
+                    advantages=self._place(prepared.row_advantages[rows], 0),
+                    ref_logp=None if ref_logp is None else self._place(ref_logp[rows], 0),
                 )
-                self.state, m = step_fn(self.state, sub, arrays)
+                self.state, m = step_fn(self.state, self._place_inputs(sub), arrays)
                 mb_metrics.append(m)
         host = jax.device_get(mb_metrics)
         t_update = time.perf_counter() - t2
@@ -534,8 +588,11 @@ class Trainer:
         from vlmgym_train.evaluate import EvalConfig, evaluate
 
         cfg = self.cfg
+        params = self.rollout_params()  # every process takes part in the cast
+        if not self.is_main:
+            return {}  # process 0 evaluates alone, on its own replica
         result = evaluate(
-            self.rollout_params(),
+            params,
             self.sampler,
             make_env(cfg.test_env_name or cfg.env_name, **cfg.env_kwargs_dict),
             EvalConfig(
@@ -552,14 +609,15 @@ class Trainer:
         return metrics
 
     def finish(self) -> None:
-        """Export the trained policy as a model_dir and plot the reward curve."""
+        """Export the trained policy as a model_dir and plot the reward curve (process 0)."""
         if not self.is_main:
+            distributed.sync("vlmgym_train:finish")
             return
         final = self.run_dir / "final_model"
         save_model(
             final,
             self.config,
-            jax.device_get(self.state.params),
+            jax.device_get(distributed.local_view(self.state.params, self.mesh)),
             copy_files_from=self.model_dir,
             force=True,
         )
@@ -569,6 +627,7 @@ class Trainer:
         if jsonl.is_file():
             plot_rewards(jsonl, self.run_dir / "reward.png")
         (self.run_dir / "summary.json").write_text(json.dumps(self.summary(), indent=2) + "\n")
+        distributed.sync("vlmgym_train:finish")
 
     def summary(self) -> dict[str, Any]:
         """Reward means over the first and last 20 steps of the whole run (resumes included)."""
