@@ -111,7 +111,7 @@ def test_train_step_attention(benchmark, impl: str) -> None:
 def test_decode(benchmark, impl: str) -> None:
     B, S, N, K, H = _shapes().decode
     benchmark.group = f"decode B{B} S{S} N{N} K{K} H{H}"
-    q, k, v = _normal(0, (B, N, H)), _normal(1, (B, S, K, H)), _normal(2, (B, S, K, H))
+    q, k, v = _normal(0, (B, N, H)), _normal(1, (B, K, S, H)), _normal(2, (B, K, S, H))
     lengths = jnp.asarray(np.random.default_rng(0).integers(S // 2, S + 1, B), jnp.int32)
 
     def fn(q, k, v, lengths):

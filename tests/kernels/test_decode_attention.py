@@ -31,8 +31,8 @@ STARTS = jnp.array([0, 5, 0, 17], jnp.int32)  # row 3's first 17 slots are left 
 def _inputs(seed: int, N: int, K: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
     q = jax.random.normal(kq, (B, N, H), jnp.float32)  # [B, N, H]
-    k = jax.random.normal(kk, (B, S, K, H), jnp.float32)  # [B, S, K, H]
-    v = jax.random.normal(kv, (B, S, K, H), jnp.float32)  # [B, S, K, H]
+    k = jax.random.normal(kk, (B, K, S, H), jnp.float32)  # [B, K, S, H]
+    v = jax.random.normal(kv, (B, K, S, H), jnp.float32)  # [B, K, S, H]
     return q, k, v
 
 

@@ -19,6 +19,11 @@ def _tiny() -> tuple[jax.Array, ...]:
     return q, k, v
 
 
+def cache_layout(k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """[B, S, K, H] keys and values as a decode cache: [B, K, S, H]."""
+    return k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+
 CPU_IMPLS = [i for i in vlmgym_kernels.IMPLS if i != "pallas"]
 
 
@@ -31,7 +36,7 @@ def test_dispatch_reaches_each_impl(impl: str, tol: dict[str, float]) -> None:
     def all_three(q: jax.Array, k: jax.Array, v: jax.Array, impl: str) -> tuple[jax.Array, ...]:
         return (
             vlmgym_kernels.attention(q, k, v, seg, seg, impl=impl),
-            vlmgym_kernels.decode_attention(q[:, 0], k, v, lengths, impl=impl),
+            vlmgym_kernels.decode_attention(q[:, 0], *cache_layout(k, v), lengths, impl=impl),
             # Vision attention has as many kv heads as query heads.
             vlmgym_kernels.vision_attention(
                 q[0, :, :2], k[0], v[0], seg[0], max_segment_len=7, impl=impl
@@ -58,7 +63,7 @@ def test_pallas_off_gpu_names_the_alternatives() -> None:
     with pytest.raises(ValueError, match=r"impl=.xla.*pallas_interpret"):
         vlmgym_kernels.attention(q, k, v, seg, seg, impl="pallas")
     with pytest.raises(ValueError, match="NVIDIA GPU"):
-        vlmgym_kernels.decode_attention(q[:, 0], k, v, jnp.array([3]), impl="pallas")
+        vlmgym_kernels.decode_attention(q[:, 0], *cache_layout(k, v), jnp.array([3]), impl="pallas")
     with pytest.raises(ValueError, match="NVIDIA GPU"):
         vlmgym_kernels.vision_attention(q[0], q[0], q[0], seg[0], impl="pallas")
 
@@ -87,7 +92,7 @@ def test_pallas_kernels_lower_to_triton() -> None:
     cases = [
         (train, (q, k, k, q_seg, kv_seg), 3),
         (decode, (jax.ShapeDtypeStruct((3, 28, 128), bf16),
-                  *[jax.ShapeDtypeStruct((3, 100, 4, 128), bf16)] * 2,
+                  *[jax.ShapeDtypeStruct((3, 4, 100, 128), bf16)] * 2,
                   jax.ShapeDtypeStruct((3,), i32)), 1),
         (vision, (jax.ShapeDtypeStruct((330, 16, 80), bf16), jax.ShapeDtypeStruct((330,), i32)), 1),
     ]  # fmt: skip

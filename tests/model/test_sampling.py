@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 from vlmgym_model import Qwen2_5_VLConfig, init_random_params
 from vlmgym_model.qwen2_5_vl.model import forward_tokens
-from vlmgym_model.sampling import Sampler, SamplingParams, sample_tokens
+from vlmgym_model.sampling import (
+    Sampler,
+    SamplingParams,
+    categorical_inverse_cdf,
+    sample_tokens,
+)
 
 RAW = {
     "model_type": "qwen2_5_vl",
@@ -206,6 +211,29 @@ def test_sampled_frequencies_match_the_distribution(kw):
     np.testing.assert_allclose(np.asarray(sampled_lp), np.log(q[tok]), atol=1e-5)
     log_softmax = LOGITS - np.log(np.exp(LOGITS).sum())
     np.testing.assert_allclose(np.asarray(policy_lp), log_softmax[tok], atol=1e-5)
+
+
+def test_inverse_cdf_across_chunks():
+    """A vocabulary of several CDF chunks: frequencies, -inf entries, and the ends of [0, 1)."""
+    V, chunk = 1300, 512
+    support = np.array([3, 511, 512, 1030, 1299])  # chunk edges on both sides
+    logits = np.full(V, -np.inf, np.float32)
+    logits[support] = [0.0, 1.0, 0.5, -0.5, 0.2]
+    q = np.exp(logits[support]) / np.exp(logits[support]).sum()
+    uniform = jax.random.uniform(jax.random.key(0), (DRAWS,))
+    batch = jnp.broadcast_to(jnp.asarray(logits), (DRAWS, V))
+    tokens, log_mass = jax.jit(categorical_inverse_cdf, static_argnums=2)(batch, uniform, chunk)
+    counts = np.bincount(np.asarray(tokens), minlength=V)
+    assert counts.sum() == counts[support].sum(), "an entry of probability 0 was drawn"
+    chi2 = (((counts[support] - q * DRAWS) ** 2) / (q * DRAWS)).sum()
+    assert chi2 < 18.5, counts[support]  # 99.9% quantile, 4 degrees of freedom
+    np.testing.assert_allclose(
+        np.asarray(log_mass)[0], np.log(np.exp(logits[support]).sum()), rtol=1e-6
+    )
+    # the ends of [0, 1) land on the first and the last entry with probability > 0
+    ends = jnp.asarray([0.0, np.nextafter(np.float32(1), np.float32(0))], jnp.float32)
+    first_last, _ = categorical_inverse_cdf(jnp.asarray(np.stack([logits] * 2)), ends, chunk)
+    np.testing.assert_array_equal(np.asarray(first_last), [3, 1299])
 
 
 def test_greedy_takes_the_argmax():

@@ -75,7 +75,7 @@ def decode_attention(
 ) -> jax.Array:
     """Decode attention with the contract of `reference.decode_attention`."""
     B, N, H = q.shape
-    S, K = k.shape[1], k.shape[2]
+    K, S = k.shape[1], k.shape[2]
     if N % K:
         raise ValueError(f"decode_attention: {N} query heads are not a multiple of {K} kv heads")
     G = N // K
@@ -86,12 +86,12 @@ def decode_attention(
     Hp = max(16, int(pl.next_power_of_2(H)))
     qg = jnp.pad(q.reshape(B, K, G, H), ((0, 0), (0, 0), (0, Gp - G), (0, Hp - H)))
     # qg: [B, K, Gp, Hp]
-    kp = jnp.pad(k, ((0, 0), (0, Sp - S), (0, 0), (0, Hp - H)))  # [B, Sp, K, Hp]
-    vp = jnp.pad(v, ((0, 0), (0, Sp - S), (0, 0), (0, Hp - H)))  # [B, Sp, K, Hp]
+    kp = jnp.pad(k, ((0, 0), (0, 0), (0, Sp - S), (0, Hp - H)))  # [B, K, Sp, Hp]
+    vp = jnp.pad(v, ((0, 0), (0, 0), (0, Sp - S), (0, Hp - H)))  # [B, K, Sp, Hp]
     lengths = lengths.astype(jnp.int32)
     starts = jnp.zeros_like(lengths) if starts is None else starts.astype(jnp.int32)
     scalar = pl.BlockSpec((None,), lambda b, h: (b,))
-    kv_spec = pl.BlockSpec((None, Sp, None, Hp), lambda b, h: (b, 0, h, 0))
+    kv_spec = pl.BlockSpec((None, None, Sp, Hp), lambda b, h: (b, h, 0, 0))
     q_spec = pl.BlockSpec((None, None, Gp, Hp), lambda b, h: (b, h, 0, 0))
     out = pl.pallas_call(
         functools.partial(_decode_kernel, scale=float(scale), block_k=bk),

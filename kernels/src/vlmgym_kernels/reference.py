@@ -83,7 +83,8 @@ def decode_attention(
 
     Args:
       q: float[B, N, H], the new token's queries.
-      k, v: float[B, S, K, H], the cache (the new token's own k/v already written).
+      k, v: float[B, K, S, H], the cache, kv heads before slots (the new token's own k/v
+        already written).
       lengths: int[B]; key j of row b is valid when starts[b] <= j < lengths[b].
       starts: int[B] or None (0): first valid cache slot, e.g. after left padding.
 
@@ -91,7 +92,7 @@ def decode_attention(
       float[B, N, H] in q's dtype.
     """
     B, N, H = q.shape
-    S, K = k.shape[1], k.shape[2]
+    K, S = k.shape[1], k.shape[2]
     if N % K:
         raise ValueError(f"decode_attention: {N} query heads are not a multiple of {K} kv heads")
     scale = H**-0.5 if scale is None else scale
@@ -99,6 +100,7 @@ def decode_attention(
     valid = idx < lengths[:, None]
     if starts is not None:
         valid = valid & (idx >= starts[:, None])
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, S, K, H]
     out = _masked_softmax_attention(q.reshape(B, 1, K, N // K, H), k, v, valid[:, None, :], scale)
     return out.reshape(B, N, H)
 

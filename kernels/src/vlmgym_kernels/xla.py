@@ -143,9 +143,13 @@ def decode_attention(
     *,
     scale: float | None = None,
 ) -> jax.Array:
-    """Decode attention over a ragged cache; the contract is `reference.decode_attention`'s."""
+    """Decode attention over a ragged cache; the contract is `reference.decode_attention`'s.
+
+    With the cache laid out [B, K, S, H], both contractions are plain batched matmuls over
+    (B, K): no transposes of the cache on the way.
+    """
     B, N, H = q.shape
-    S, K = k.shape[1], k.shape[2]
+    K, S = k.shape[1], k.shape[2]
     if N % K:
         raise ValueError(f"decode_attention: {N} query heads are not a multiple of {K} kv heads")
     scale = H**-0.5 if scale is None else scale
@@ -155,7 +159,7 @@ def decode_attention(
         valid = valid & (idx >= starts[:, None])
     qg = q.reshape(B, K, N // K, H)  # [B, K, G, H]
     scores = jnp.einsum(
-        "BKGH,BSKH->BKGS", qg, k, preferred_element_type=jnp.float32
+        "BKGH,BKSH->BKGS", qg, k, preferred_element_type=jnp.float32
     )  # [B, K, G, S]
     scores = scores * scale
     mask = valid[:, None, None, :]  # [B, 1, 1, S]
@@ -165,7 +169,7 @@ def decode_attention(
     denom = jnp.sum(weights, axis=-1, keepdims=True)
     weights = weights / jnp.where(denom > 0, denom, 1.0)
     out = jnp.einsum(
-        "BKGS,BSKH->BKGH", weights.astype(v.dtype), v, preferred_element_type=jnp.float32
+        "BKGS,BKSH->BKGH", weights.astype(v.dtype), v, preferred_element_type=jnp.float32
     )  # [B, K, G, H]
     return out.reshape(B, N, H).astype(q.dtype)
 

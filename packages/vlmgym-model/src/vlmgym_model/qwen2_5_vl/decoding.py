@@ -1,14 +1,21 @@
 """Prefill and one-token decode steps over a KV cache, for the sampling engine.
 
-The cache holds every layer's keys and values, `[L, B, S, K, H]`. Prompts are LEFT-padded
-to a common length T, so every row's prompt ends at slot T - 1 and decoding writes all
-rows at the same slot T + step; row b's valid slots are `starts[b] <= j < T + step + 1`
-(`starts` = its count of left padding).
+The cache holds one key and one value array per layer, each `[B, K, S, H]` (kv heads
+before slots, so decode attention is a plain batched matmul over (B, K) with no transposes).
+Prompts are LEFT-padded to a common length T, so every row's prompt ends at slot T - 1
+and decoding writes all rows at the same slot T + step; row b's valid slots are
+`starts[b] <= j < T + step + 1` (`starts` = its count of left padding).
+
+Decoding runs the layers as an unrolled Python loop over per-layer weights
+(`unstack_layers`), not a `scan` over the stacked ones: on CPU a scan slices every layer's
+weights and cache out of the stacked arrays (a copy per layer per token), and per-layer
+buffers avoid those copies (about 1.5x faster decode steps at the 0.5B shape).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,16 +30,25 @@ from vlmgym_model.qwen2_5_vl.text import DecoderLayers, TextWeights
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    k: jax.Array  # [L, B, S, K, H]
-    v: jax.Array  # [L, B, S, K, H]
+    k: tuple[jax.Array, ...]  # L x [B, K, S, H]
+    v: tuple[jax.Array, ...]  # L x [B, K, S, H]
 
     @property
     def size(self) -> int:
-        return self.k.shape[2]
+        return self.k[0].shape[2]
 
     def repeat(self, n: int) -> KVCache:
         """Each row repeated n times in a row (a prompt's KV copied to its n samples)."""
-        return KVCache(jnp.repeat(self.k, n, axis=1), jnp.repeat(self.v, n, axis=1))
+        return KVCache(
+            tuple(jnp.repeat(k, n, axis=0) for k in self.k),
+            tuple(jnp.repeat(v, n, axis=0) for v in self.v),
+        )
+
+
+def unstack_layers(layers: DecoderLayers) -> tuple[DecoderLayers, ...]:
+    """The layer-stacked weights as one pytree per layer (copies, made once per call)."""
+    n = jax.tree.leaves(layers)[0].shape[0]
+    return tuple(jax.tree.map(lambda w, i=i: w[i], layers) for i in range(n))
 
 
 def prefill(
@@ -67,8 +83,13 @@ def prefill(
     assert kv is not None
     k, v = kv  # [L, B, T, K, H]
     dtype = cache_dtype or k.dtype
-    pad = [(0, 0), (0, 0), (0, cache_size - T), (0, 0), (0, 0)]
-    cache = KVCache(jnp.pad(k.astype(dtype), pad), jnp.pad(v.astype(dtype), pad))
+    pad = [(0, 0), (0, 0), (0, cache_size - T), (0, 0)]
+
+    def per_layer(x: jax.Array) -> tuple[jax.Array, ...]:
+        x = jnp.pad(x.astype(dtype).transpose(0, 1, 3, 2, 4), [(0, 0), *pad])  # [L, B, K, S, H]
+        return tuple(x[i] for i in range(x.shape[0]))
+
+    cache = KVCache(per_layer(k), per_layer(v))
     logits = text.logits_from_hidden(weights, hidden[:, -1:])[:, 0]  # [B, V]
     return logits, cache
 
@@ -82,6 +103,7 @@ def decode_step(
     write_index: jax.Array,
     starts: jax.Array,
     *,
+    layers: Sequence[DecoderLayers] | None = None,
     impl: str = "xla",
 ) -> tuple[jax.Array, KVCache]:
     """One new token per row.
@@ -92,43 +114,36 @@ def decode_step(
       cache: the KV cache; slot `write_index` receives this token's keys and values.
       write_index: int[] scalar, the slot to write (the same for every row).
       starts: int[B], each row's first valid slot.
+      layers: `unstack_layers(weights.layers)`, computed once outside a decode loop (by
+        default each call slices the stacked weights itself).
 
     Returns:
       float32[B, V] logits for the next token, and the updated cache.
     """
     cfg = config.text
+    if layers is None:
+        layers = unstack_layers(weights.layers)
     x = text.embed_tokens(weights, tokens[:, None])  # [B, 1, D]
     pos3 = jnp.broadcast_to(positions[None, :, None], (3, *positions.shape, 1))  # [3, B, 1]
     cos, sin = mrope_cos_sin(pos3, cfg)  # [B, 1, H]
     lengths = jnp.broadcast_to(write_index + 1, starts.shape)
-
-    def body(
-        carry: tuple[jax.Array, jax.Array, jax.Array],
-        layer_and_index: tuple[DecoderLayers, jax.Array],
-    ) -> tuple[tuple[jax.Array, jax.Array, jax.Array], None]:
-        x, k_all, v_all = carry
-        layer, i = layer_and_index
+    new_k, new_v = [], []
+    for layer, k_cache, v_cache in zip(layers, cache.k, cache.v, strict=True):
         h = text.rms_norm(x, layer.input_norm, cfg.rms_norm_eps)
         q, k, v = text.attention_qkv(layer, h, cos, sin)  # [B, 1, N, H], [B, 1, K, H]
-        k_all = jax.lax.dynamic_update_slice(
-            k_all, k[None].astype(k_all.dtype), (i, 0, write_index, 0, 0)
+        k_cache = jax.lax.dynamic_update_slice(
+            k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), (0, 0, write_index, 0)
         )
-        v_all = jax.lax.dynamic_update_slice(
-            v_all, v[None].astype(v_all.dtype), (i, 0, write_index, 0, 0)
+        v_cache = jax.lax.dynamic_update_slice(
+            v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, write_index, 0)
         )
-        k_l = jax.lax.dynamic_index_in_dim(k_all, i, keepdims=False)  # [B, S, K, H]
-        v_l = jax.lax.dynamic_index_in_dim(v_all, i, keepdims=False)  # [B, S, K, H]
         attn = vlmgym_kernels.decode_attention(
-            q[:, 0], k_l.astype(q.dtype), v_l.astype(q.dtype), lengths, starts, impl=impl
+            q[:, 0], k_cache.astype(q.dtype), v_cache.astype(q.dtype), lengths, starts, impl=impl
         )  # [B, N, H]
         x = x + jnp.einsum("BNH,NHD->BD", attn, layer.o_proj)[:, None]
         x = x + text.mlp(layer, text.rms_norm(x, layer.post_norm, cfg.rms_norm_eps))
-        return (x, k_all, v_all), None
-
-    L = cfg.num_hidden_layers
-    (x, k_all, v_all), _ = jax.lax.scan(
-        body, (x, cache.k, cache.v), (weights.layers, jnp.arange(L))
-    )
+        new_k.append(k_cache)
+        new_v.append(v_cache)
     hidden = text.rms_norm(x, weights.norm, cfg.rms_norm_eps)
     logits = text.logits_from_hidden(weights, hidden)[:, 0]  # [B, V]
-    return logits, KVCache(k_all, v_all)
+    return logits, KVCache(tuple(new_k), tuple(new_v))
