@@ -21,11 +21,14 @@ Throughputs are generated tokens (P*S*N) over the phase's time. The target of is
 Sizes are configurable (the defaults are the issue's; a 2-core machine takes minutes):
   VLMGYM_BENCH_PROMPTS=8 VLMGYM_BENCH_SAMPLES=8 VLMGYM_BENCH_NEW_TOKENS=64
   VLMGYM_BENCH_IMAGE=448 VLMGYM_BENCH_ROUNDS=1
+  VLMGYM_BENCH_DTYPE=float32 (or bfloat16: both engines' weights cast to bf16; on CPUs
+  with AMX both run bf16 matmuls about 4x faster than fp32)
 Run: uv run pytest benchmarks/test_bench_sampler.py -q --benchmark-columns=median -s
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import statistics
@@ -45,6 +48,7 @@ S = int(os.environ.get("VLMGYM_BENCH_SAMPLES", 8))
 N = int(os.environ.get("VLMGYM_BENCH_NEW_TOKENS", 64))
 IMAGE = int(os.environ.get("VLMGYM_BENCH_IMAGE", 448))
 ROUNDS = int(os.environ.get("VLMGYM_BENCH_ROUNDS", 1))
+DTYPE = os.environ.get("VLMGYM_BENCH_DTYPE", "float32")
 
 VISION_START, VISION_END, IMAGE_PAD = 151652, 151653, 151655
 PREFIX, SUFFIX = 12, 20  # text tokens around the image
@@ -87,6 +91,10 @@ class _StepClock(LogitsProcessor):
 
 def test_bench_sampler(benchmark, qwen05b):
     m = qwen05b
+    params, hf_model = m.params, m.hf_model
+    if DTYPE != "float32":
+        params = jax.tree.map(lambda x: x.astype(DTYPE), params)
+        hf_model = copy.deepcopy(hf_model).to(getattr(torch, DTYPE))
     inp = _inputs(np.random.default_rng(0))
     T = inp["input_ids"].shape[1]
     rows, tokens = P * S, P * S * N
@@ -100,7 +108,7 @@ def test_bench_sampler(benchmark, qwen05b):
 
     def ours():
         gen = sampler.generate_ids(
-            m.params,
+            params,
             inp["input_ids"],
             inp["attention_mask"],
             sampling,
@@ -115,13 +123,13 @@ def test_bench_sampler(benchmark, qwen05b):
     start = time.perf_counter()
     first = ours()
     first_call_s = time.perf_counter() - start
-    benchmark.group = f"sampler {P}x{S} rows, {T}-token prompts, {N} new (0.5B, fp32, T=1.0)"
+    benchmark.group = f"sampler {P}x{S} rows, {T}-token prompts, {N} new (0.5B, {DTYPE}, T=1.0)"
     gen = benchmark.pedantic(ours, rounds=ROUNDS, warmup_rounds=0)
     later = timings[1:]
 
     def vision_only():
         return vision.encode_images(
-            m.params.vision, m.config.vision, inp["pixel_values"], inp["image_grid_thw"]
+            params.vision, m.config.vision, inp["pixel_values"], inp["image_grid_thw"]
         ).block_until_ready()
 
     vision_only_s = median_seconds(vision_only, repeats=1, warmup=0)  # compiled by now
@@ -129,11 +137,12 @@ def test_bench_sampler(benchmark, qwen05b):
     # HF: the same prompts, expanded to P*S rows inside generate.
     hf_inputs = {k: torch.as_tensor(v) for k, v in inp.items()}
     hf_inputs["mm_token_type_ids"] = (hf_inputs["input_ids"] == IMAGE_PAD).long()
+    hf_inputs["pixel_values"] = hf_inputs["pixel_values"].to(getattr(torch, DTYPE))
     clock = _StepClock()
     torch.manual_seed(0)
     with torch.inference_mode():
         # Warm-up on one prompt and 2 tokens (allocator, kernels), then the timed call.
-        m.hf_model.generate(
+        hf_model.generate(
             **{k: v[:1] for k, v in hf_inputs.items() if k != "pixel_values"},
             pixel_values=hf_inputs["pixel_values"][: len(hf_inputs["pixel_values"]) // P],
             do_sample=True,
@@ -141,7 +150,7 @@ def test_bench_sampler(benchmark, qwen05b):
             pad_token_id=0,
         )
         hf_start = time.perf_counter()
-        out = m.hf_model.generate(
+        out = hf_model.generate(
             **hf_inputs,
             do_sample=True,
             temperature=1.0,
@@ -171,6 +180,7 @@ def test_bench_sampler(benchmark, qwen05b):
         new_tokens=N,
         image=IMAGE,
         sampling="temperature 1.0, no top-k/top-p",
+        dtype=DTYPE,
         first_call_s=first_call_s,
         first_call_timings=first.timings,
         compile_s=first_call_s - total_s,

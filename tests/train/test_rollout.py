@@ -136,3 +136,40 @@ def test_shares_of_a_round_equal_the_whole_round(setup, tol):
     np.testing.assert_array_equal(
         np.sort(ba.pixel_values, axis=0), np.sort(bb.pixel_values, axis=0)
     )
+
+
+def test_chunked_rollouts_score_while_decoding(setup):
+    """chunks=2: the same samples and rewards, and chunk 0 is scored while chunk 1 decodes."""
+    import threading
+    import time
+
+    config, params, processor, sampler, _ = setup
+    events: list[tuple[str, float, str]] = []
+
+    class Timed(vlmgym_envs.shapes.ShapesEnv):
+        def step_many(self, states, texts):
+            events.append(("score", time.perf_counter(), threading.current_thread().name))
+            return super().step_many(states, texts)
+
+    class TimedSampler(Sampler):
+        def generate(self, *args, **kwargs):
+            out = super().generate(*args, **kwargs)
+            events.append(("generated", time.perf_counter(), threading.current_thread().name))
+            return out
+
+    timed = TimedSampler(config, processor, length_buckets=(64,))
+    env = Timed()
+    sp = SamplingParams(max_new_tokens=3, temperature=1.0, num_samples=2)
+    key = jax.random.key(5)
+    whole, _, _ = run_groups(env, sampler, params, [4, 5, 6, 7], sp, key)
+    events.clear()
+    chunked, turns, _ = run_groups(env, timed, params, [4, 5, 6, 7], sp, key, chunks=2)
+    assert len(turns) == 2 and [len(t.trajectories) for t in turns] == [2, 2]
+    for a, b in zip(whole, chunked, strict=True):
+        assert (a.task, a.group, a.texts, a.reward) == (b.task, b.group, b.texts, b.reward)
+    kinds = [e[0] for e in events]
+    assert kinds.count("score") == 2 and kinds.count("generated") == 2
+    first_score = next(e for e in events if e[0] == "score")
+    second_generated = [e for e in events if e[0] == "generated"][1]
+    assert first_score[2].startswith("vlmgym-reward"), "scoring ran on the main thread"
+    assert first_score[1] < second_generated[1], "chunk 0 was not scored during chunk 1"

@@ -43,6 +43,9 @@ class TrainConfig:
     top_k: int = _f(0, "top-k when sampling (0 = off)")
     top_p: float = _f(1.0, "nucleus mass when sampling (1 = off)")
     max_turns: int = _f(1, "turn limit for multi-turn environments")
+    rollout_chunks: int = _f(
+        1, "generate each turn in this many calls, scoring one while the next decodes"
+    )
     vlm_max_pixels: int | None = _f(None, "image pixel budget (default: preprocessor config)")
     # --- objective
     advantage: str = _f("grpo", f"advantage estimator: {sorted(ADVANTAGES)}")
@@ -117,6 +120,7 @@ class TrainConfig:
             "ppo_epochs",
             "minibatches",
             "max_turns",
+            "rollout_chunks",
             "save_interval",
         ):
             value = getattr(self, name)

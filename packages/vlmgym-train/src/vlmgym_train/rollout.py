@@ -104,6 +104,7 @@ def run_groups(
     max_turns: int = 1,
     reward_hook: Callable[[list[StepResult]], None] | None = None,
     group_offset: int = 0,
+    chunks: int = 1,
 ) -> tuple[list[Trajectory], list[TurnRows], dict[str, float]]:
     """Sample `sampling.num_samples` trajectories for each task and score them.
 
@@ -111,7 +112,13 @@ def run_groups(
     continues from `fold_in(key_turn, group_offset * n + i)`: a process rolling out a share
     of a step (`group_offset` = the global index of its first task) draws exactly the
     samples a single process rolling out the whole step would.
+
+    `chunks` > 1 splits each turn's prompts into that many `Sampler.generate` calls and
+    scores a chunk's completions (`env.step_many`, in a worker thread) while the next chunk
+    decodes. The samples do not depend on the chunking (keys are per prompt).
     """
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     n = sampling.num_samples
     t0 = time.perf_counter()
     resets = env.reset_many(tasks)
@@ -123,64 +130,75 @@ def run_groups(
             )
     t_reset = time.perf_counter() - t0
     turns: list[TurnRows] = []
-    t_sample = t_reward = 0.0
-    for turn in range(max_turns):
-        live = [i for i, t in enumerate(trajectories) if not t.done]
-        if not live:
-            break
-        key, sub = jax.random.split(key)
-        t1 = time.perf_counter()
-        if turn == 0:
-            # One prefill per task, its KV rows copied to the task's n samples.
-            heads = live[::n]
-            keys = _keys(sub, group_offset + np.arange(len(heads)))
-            prompts = [trajectories[i].messages for i in heads]
-            gen = sampler.generate(params, prompts, sampling, keys)
-            owners = heads
-            samples = [s for group in gen.samples for s in group]
-            sample_owner = live
-        else:
-            single = dataclasses.replace(sampling, num_samples=1)
-            keys = _keys(sub, group_offset * n + np.asarray(live))
-            gen = sampler.generate(params, [trajectories[i].messages for i in live], single, keys)
-            owners = live
-            samples = [group[0] for group in gen.samples]
-            sample_owner = live
-        turns.append(TurnRows(generation=gen, trajectories=owners))
-        t2 = time.perf_counter()
-        t_sample += t2 - t1
-        results = env.step_many(
-            [trajectories[i].state for i in sample_owner], [s.text for s in samples]
-        )
-        if reward_hook is not None:
-            reward_hook(results)
-        for i, sample, result in zip(sample_owner, samples, results, strict=True):
-            traj = trajectories[i]
-            traj.turns += 1
-            traj.texts.append(sample.text)
-            traj.reward += float(result.reward)
-            traj.info = dict(result.info)
-            traj.info["finish_reason"] = sample.finish_reason
-            if result.done or turn == max_turns - 1:
-                traj.done = True
-            else:
-                _append_assistant(traj.messages, sample.text)
-                if result.observation is not None:
-                    next_obs = result.observation
-                    extra = next_obs.messages if isinstance(next_obs, Observation) else next_obs
-                    traj.messages.extend(extra)
-                if result.state is not None:
-                    traj.state = result.state
-        t_reward += time.perf_counter() - t2
+    t_sample = t_wait = 0.0
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmgym-reward")
+    try:
+        for turn in range(max_turns):
+            live = [i for i, t in enumerate(trajectories) if not t.done]
+            if not live:
+                break
+            key, sub = jax.random.split(key)
+            # turn 0: one prompt per task (its KV rows copied to the task's n samples);
+            # later turns: one prompt per live trajectory
+            heads = live[::n] if turn == 0 else live
+            turn_sampling = sampling if turn == 0 else dataclasses.replace(sampling, num_samples=1)
+            pending: list[tuple[list[int], list[Sample], Future[list[StepResult]]]] = []
+            for part in np.array_split(np.arange(len(heads)), max(1, min(chunks, len(heads)))):
+                owners = [heads[int(j)] for j in part]
+                if turn == 0:
+                    keys = _keys(sub, group_offset + part)
+                else:
+                    keys = _keys(sub, group_offset * n + np.asarray(owners))
+                t1 = time.perf_counter()
+                prompts = [trajectories[i].messages for i in owners]
+                gen = sampler.generate(params, prompts, turn_sampling, keys)
+                t_sample += time.perf_counter() - t1
+                turns.append(TurnRows(generation=gen, trajectories=owners))
+                samples = [s for group in gen.samples for s in group]
+                sample_owner = (
+                    [o + j for o in owners for j in range(n)] if turn == 0 else list(owners)
+                )
+                states = [trajectories[i].state for i in sample_owner]
+                future = pool.submit(env.step_many, states, [s.text for s in samples])
+                pending.append((sample_owner, samples, future))
+            t2 = time.perf_counter()
+            for sample_owner, samples, future in pending:
+                results = future.result()
+                if reward_hook is not None:
+                    reward_hook(results)
+                for i, sample, result in zip(sample_owner, samples, results, strict=True):
+                    _record(trajectories[i], sample, result, last_turn=turn == max_turns - 1)
+            t_wait += time.perf_counter() - t2
+    finally:
+        pool.shutdown(wait=True)
     return (
         trajectories,
         turns,
         {
             "time/reset_s": t_reset,
             "time/sample_s": t_sample,
-            "time/reward_s": t_reward,
+            "time/reward_s": t_wait,  # scoring not hidden behind decoding
         },
     )
+
+
+def _record(traj: Trajectory, sample: Sample, result: StepResult, *, last_turn: bool) -> None:
+    """Apply one turn's completion and its env result to a trajectory."""
+    traj.turns += 1
+    traj.texts.append(sample.text)
+    traj.reward += float(result.reward)
+    traj.info = dict(result.info)
+    traj.info["finish_reason"] = sample.finish_reason
+    if result.done or last_turn:
+        traj.done = True
+        return
+    _append_assistant(traj.messages, sample.text)
+    if result.observation is not None:
+        next_obs = result.observation
+        extra = next_obs.messages if isinstance(next_obs, Observation) else next_obs
+        traj.messages.extend(extra)
+    if result.state is not None:
+        traj.state = result.state
 
 
 def merge_rounds(

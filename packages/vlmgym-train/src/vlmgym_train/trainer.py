@@ -376,6 +376,7 @@ class Trainer:
                 jax.random.fold_in(key, attempt),
                 max_turns=cfg.max_turns,
                 group_offset=offset,
+                chunks=cfg.rollout_chunks,
             )
             stats["rollout/groups_local"] = stats.get("rollout/groups_local", 0.0) + len(tasks)
             trajs, turns = gather_round(trajs, turns)
