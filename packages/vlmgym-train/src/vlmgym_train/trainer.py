@@ -229,7 +229,6 @@ class Trainer:
         self.state = jax.jit(
             lambda p: TrainState.create(p, self.tx, jax.random.key(cfg.seed)),
             in_shardings=(shardings,),
-            out_shardings=None,
         )(params)
         self.state = self.state.replace(params=jax.device_put(self.state.params, shardings))
         # Every update writes the state back with these shardings: the params stay laid out
