@@ -8,8 +8,10 @@ and decoding writes all rows at the same slot T + step; row b's valid slots are
 
 Decoding runs the layers as an unrolled Python loop over per-layer weights
 (`unstack_layers`), not a `scan` over the stacked ones: on CPU a scan slices every layer's
-weights and cache out of the stacked arrays (a copy per layer per token), and per-layer
-buffers avoid those copies (about 1.5x faster decode steps at the 0.5B shape).
+weights and cache out of the stacked arrays (a copy per layer per token); per-layer
+buffers avoid those copies. At the 0.5B shape with 64 rows on CPU, a step went from 0.66 s
+to 0.59 s, and its attention part alone from 0.13 s to 0.05 s. The price is one copy of the
+layer weights per `Sampler` call, held while it decodes.
 """
 
 from __future__ import annotations
