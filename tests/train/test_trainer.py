@@ -127,3 +127,21 @@ def test_periodic_test_logs_the_eval_metrics(tmp_path):
     logged = [r for r in rows if "test/accuracy" in r]
     assert len(logged) == 1 and logged[0]["step"] == 2
     assert logged[0]["test/accuracy"] == saved["accuracy"] and saved["tasks"] == 4
+
+
+@pytest.mark.parametrize("minibatches", [1, 2])
+def test_minibatches_keep_rows_aligned_with_their_reference(tmp_path, minibatches):
+    """With a negligible learning rate the policy stays the reference and the behaviour
+    policy: both KLs must be ~0 in every minibatch of every epoch. Rows paired with another
+    row's behaviour or reference log-probs would give KLs of order 0.1."""
+    cfg = TrainConfig(
+        save_dir=str(tmp_path), groups_per_batch=2, group_size=4, num_generation_tokens=3,
+        total_steps=1, ppo_epochs=2, minibatches=minibatches, kl_coef=0.1, lr=1e-12,
+        progress=False, seed=2,
+    )  # fmt: skip
+    trainer = Trainer(cfg)
+    metrics = trainer.step(0)
+    assert int(trainer.state.step) == 2 * minibatches
+    assert metrics["skipped"] == 0
+    assert metrics["kl/ref"] < 1e-6 and metrics["kl/behaviour"] < 1e-6, metrics
+    assert abs(metrics["ratio/mean"] - 1.0) < 1e-4

@@ -456,15 +456,16 @@ class Trainer:
             logprob_chunk=cfg.logprob_chunk,
             **bounds,
         )
+        # The whole batch goes to the devices once; minibatches are cut on the host.
+        placed = self._place_inputs(inputs)
         ref_logp = None
         if self.ref_params is not None:
-            ref_logp_dev, _ = compute_logprobs(
+            ref_logp, _ = compute_logprobs(
                 cast_for_compute(self.ref_params, self.compute_dtype),
-                self._place_inputs(inputs),
+                placed,
                 config=self.config,
                 statics=statics,
             )
-            ref_logp = distributed.to_host(ref_logp_dev)
         t_ref = time.perf_counter() - t1
 
         t2 = time.perf_counter()
@@ -472,18 +473,29 @@ class Trainer:
         step_fn = self._step_fn(statics)
         mb_metrics: list[dict[str, Any]] = []
         rng = np.random.default_rng([cfg.seed, step])
-        for _ in range(cfg.ppo_epochs):
-            order = rng.permutation(R) if cfg.minibatches > 1 else np.arange(R)
-            for rows in np.split(order, cfg.minibatches):
-                sub = inputs if cfg.minibatches == 1 else slice_rows(inputs, rows)
-                arrays = LossArrays(
-                    old_logp=self._place(batch.old_logp[rows], 0),
-                    mask=self._place(prepared.mask[rows], 0),
-                    advantages=self._place(prepared.row_advantages[rows], 0),
-                    ref_logp=None if ref_logp is None else self._place(ref_logp[rows], 0),
-                )
-                self.state, m = step_fn(self.state, self._place_inputs(sub), arrays)
+        if cfg.minibatches == 1:
+            whole = LossArrays(
+                old_logp=self._place(batch.old_logp, 0),
+                mask=self._place(prepared.mask, 0),
+                advantages=self._place(prepared.row_advantages, 0),
+                ref_logp=ref_logp,
+            )
+            for _ in range(cfg.ppo_epochs):
+                self.state, m = step_fn(self.state, placed, whole)
                 mb_metrics.append(m)
+        else:
+            ref_host = None if ref_logp is None else distributed.to_host(ref_logp)
+            for _ in range(cfg.ppo_epochs):
+                for rows in np.split(rng.permutation(R), cfg.minibatches):
+                    arrays = LossArrays(
+                        old_logp=self._place(batch.old_logp[rows], 0),
+                        mask=self._place(prepared.mask[rows], 0),
+                        advantages=self._place(prepared.row_advantages[rows], 0),
+                        ref_logp=None if ref_host is None else self._place(ref_host[rows], 0),
+                    )
+                    sub = self._place_inputs(slice_rows(inputs, rows))
+                    self.state, m = step_fn(self.state, sub, arrays)
+                    mb_metrics.append(m)
         host = jax.device_get(mb_metrics)
         t_update = time.perf_counter() - t2
 
