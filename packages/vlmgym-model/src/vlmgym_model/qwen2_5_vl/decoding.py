@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import vlmgym_kernels
 
+from vlmgym_model.matmul import einsum
 from vlmgym_model.qwen2_5_vl import text
 from vlmgym_model.qwen2_5_vl.config import Qwen2_5_VLConfig
 from vlmgym_model.qwen2_5_vl.rope import mrope_cos_sin
@@ -142,7 +143,7 @@ def decode_step(
         attn = vlmgym_kernels.decode_attention(
             q[:, 0], k_cache.astype(q.dtype), v_cache.astype(q.dtype), lengths, starts, impl=impl
         )  # [B, N, H]
-        x = x + jnp.einsum("BNH,NHD->BD", attn, layer.o_proj)[:, None]
+        x = x + einsum("BNH,NHD->BD", attn, layer.o_proj)[:, None]
         x = x + text.mlp(layer, text.rms_norm(x, layer.post_norm, cfg.rms_norm_eps))
         new_k.append(k_cache)
         new_v.append(v_cache)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import vlmgym_kernels
 
+from vlmgym_model.matmul import einsum
 from vlmgym_model.qwen2_5_vl.config import TextConfig
 from vlmgym_model.qwen2_5_vl.rope import apply_rope
 from vlmgym_model.weights import ParamSpec
@@ -93,17 +94,17 @@ def attention_qkv(
     layer: DecoderLayers, h: jax.Array, cos: jax.Array, sin: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Projections plus rotary: h [B, T, D] -> q [B, T, N, H], k and v [B, T, K, H]."""
-    q = jnp.einsum("BTD,DNH->BTNH", h, layer.q_proj) + layer.q_bias  # [B, T, N, H]
-    k = jnp.einsum("BTD,DKH->BTKH", h, layer.k_proj) + layer.k_bias  # [B, T, K, H]
-    v = jnp.einsum("BTD,DKH->BTKH", h, layer.v_proj) + layer.v_bias  # [B, T, K, H]
+    q = einsum("BTD,DNH->BTNH", h, layer.q_proj) + layer.q_bias  # [B, T, N, H]
+    k = einsum("BTD,DKH->BTKH", h, layer.k_proj) + layer.k_bias  # [B, T, K, H]
+    v = einsum("BTD,DKH->BTKH", h, layer.v_proj) + layer.v_bias  # [B, T, K, H]
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
 def mlp(layer: DecoderLayers, h: jax.Array) -> jax.Array:
     """SwiGLU: down(silu(gate(h)) * up(h)). h [B, T, D] -> [B, T, D]."""
-    gate = jnp.einsum("BTD,DF->BTF", h, layer.gate_proj)  # [B, T, F]
-    up = jnp.einsum("BTD,DF->BTF", h, layer.up_proj)  # [B, T, F]
-    return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, layer.down_proj)
+    gate = einsum("BTD,DF->BTF", h, layer.gate_proj)  # [B, T, F]
+    up = einsum("BTD,DF->BTF", h, layer.up_proj)  # [B, T, F]
+    return einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, layer.down_proj)
 
 
 def decoder_layer(
@@ -131,7 +132,7 @@ def decoder_layer(
     attn = vlmgym_kernels.attention(
         q, k, v, segment_ids, segment_ids, causal=True, impl=impl
     )  # [B, T, N, H]
-    x = x + jnp.einsum("BTNH,NHD->BTD", attn, layer.o_proj)
+    x = x + einsum("BTNH,NHD->BTD", attn, layer.o_proj)
     x = x + mlp(layer, rms_norm(x, layer.post_norm, cfg.rms_norm_eps))
     return x, (k, v)
 

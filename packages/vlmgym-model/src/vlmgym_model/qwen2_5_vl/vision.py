@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import vlmgym_kernels
 
+from vlmgym_model.matmul import einsum
 from vlmgym_model.qwen2_5_vl.config import VisionConfig
 from vlmgym_model.qwen2_5_vl.rope import apply_rope
 from vlmgym_model.qwen2_5_vl.text import rms_norm
@@ -270,9 +271,9 @@ def _attention_qkv(
     layer: VisionBlocks, h: jax.Array, cos: jax.Array, sin: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """h [P, D] -> q, k, v [P, N, H], with the 2D rotary applied to q and k."""
-    q = jnp.einsum("PD,DNH->PNH", h, layer.qkv_proj[:, 0]) + layer.qkv_bias[0]  # [P, N, H]
-    k = jnp.einsum("PD,DNH->PNH", h, layer.qkv_proj[:, 1]) + layer.qkv_bias[1]  # [P, N, H]
-    v = jnp.einsum("PD,DNH->PNH", h, layer.qkv_proj[:, 2]) + layer.qkv_bias[2]  # [P, N, H]
+    q = einsum("PD,DNH->PNH", h, layer.qkv_proj[:, 0]) + layer.qkv_bias[0]  # [P, N, H]
+    k = einsum("PD,DNH->PNH", h, layer.qkv_proj[:, 1]) + layer.qkv_bias[1]  # [P, N, H]
+    v = einsum("PD,DNH->PNH", h, layer.qkv_proj[:, 2]) + layer.qkv_bias[2]  # [P, N, H]
     q = apply_rope(q[None], cos[None], sin[None])[0]
     k = apply_rope(k[None], cos[None], sin[None])[0]
     return q, k, v
@@ -280,9 +281,9 @@ def _attention_qkv(
 
 def _mlp(layer: VisionBlocks, h: jax.Array) -> jax.Array:
     """SwiGLU with biases: down(silu(gate(h)) * up(h)). h [P, D] -> [P, D]."""
-    gate = jnp.einsum("PD,DF->PF", h, layer.gate_proj) + layer.gate_bias  # [P, F]
-    up = jnp.einsum("PD,DF->PF", h, layer.up_proj) + layer.up_bias  # [P, F]
-    return jnp.einsum("PF,FD->PD", jax.nn.silu(gate) * up, layer.down_proj) + layer.down_bias
+    gate = einsum("PD,DF->PF", h, layer.gate_proj) + layer.gate_bias  # [P, F]
+    up = einsum("PD,DF->PF", h, layer.up_proj) + layer.up_bias  # [P, F]
+    return einsum("PF,FD->PD", jax.nn.silu(gate) * up, layer.down_proj) + layer.down_bias
 
 
 def merge_patches(weights: VisionWeights, x: jax.Array, cfg: VisionConfig) -> jax.Array:
@@ -296,7 +297,7 @@ def merge_patches(weights: VisionWeights, x: jax.Array, cfg: VisionConfig) -> ja
     """
     h = rms_norm(x, weights.merger_norm, cfg.rms_norm_eps)
     h = h.reshape(x.shape[0] // cfg.merge_unit, -1)  # [M, C]: C = 4D, a unit's patches
-    h = jnp.einsum("MC,CF->MF", h, weights.merger_fc1) + weights.merger_fc1_bias  # [M, 4D]
+    h = einsum("MC,CF->MF", h, weights.merger_fc1) + weights.merger_fc1_bias  # [M, 4D]
     h = jax.nn.gelu(h, approximate=False)
     out = jnp.einsum(
         "MF,FD->MD", h, weights.merger_fc2, preferred_element_type=jnp.float32
@@ -338,7 +339,7 @@ def vision_tower(
         order (HF's `pooler_output`).
     """
     dtype = weights.patch_embed.dtype
-    x = jnp.einsum("PC,CD->PD", pixel_values.astype(dtype), weights.patch_embed)  # [P, D]
+    x = einsum("PC,CD->PD", pixel_values.astype(dtype), weights.patch_embed)  # [P, D]
     x = x[patch_order]  # [P, D] window order
     cos, sin = rotary_cos_sin(positions, cfg)  # [P, H]
     L = cfg.depth
@@ -360,7 +361,7 @@ def vision_tower(
         h = rms_norm(x, layer.norm1, cfg.rms_norm_eps)
         q, k, v = _attention_qkv(layer, h, cos, sin)
         attn = jax.lax.cond(full, full_attention, window_attention, q, k, v)  # [P, N, H]
-        x = x + jnp.einsum("PNH,NHD->PD", attn, layer.o_proj) + layer.o_bias
+        x = x + einsum("PNH,NHD->PD", attn, layer.o_proj) + layer.o_bias
         x = x + _mlp(layer, rms_norm(x, layer.norm2, cfg.rms_norm_eps))
         return x, None
 
