@@ -12,6 +12,7 @@ from vlmgym_model.sampling import (
     Sampler,
     SamplingParams,
     categorical_inverse_cdf,
+    cdf_chunk,
     sample_tokens,
 )
 
@@ -177,6 +178,7 @@ def expected_probs(temperature, top_k=0, top_p=1.0, min_p=0.0):
     "kw",
     [
         dict(temperature=1.0),
+        dict(temperature=1.0),
         dict(temperature=0.5),
         dict(temperature=1.7),
         dict(temperature=1.0, top_k=3),
@@ -213,9 +215,10 @@ def test_sampled_frequencies_match_the_distribution(kw):
     np.testing.assert_allclose(np.asarray(policy_lp), log_softmax[tok], atol=1e-5)
 
 
-def test_inverse_cdf_across_chunks():
+@pytest.mark.parametrize("chunk", [512, None], ids=["padded", "divisor"])
+def test_inverse_cdf_across_chunks(chunk):
     """A vocabulary of several CDF chunks: frequencies, -inf entries, and the ends of [0, 1)."""
-    V, chunk = 1300, 512
+    V = 1300
     support = np.array([3, 511, 512, 1030, 1299])  # chunk edges on both sides
     logits = np.full(V, -np.inf, np.float32)
     logits[support] = [0.0, 1.0, 0.5, -0.5, 0.2]
@@ -234,6 +237,13 @@ def test_inverse_cdf_across_chunks():
     ends = jnp.asarray([0.0, np.nextafter(np.float32(1), np.float32(0))], jnp.float32)
     first_last, _ = categorical_inverse_cdf(jnp.asarray(np.stack([logits] * 2)), ends, chunk)
     np.testing.assert_array_equal(np.asarray(first_last), [3, 1299])
+
+
+def test_cdf_chunk_divides_the_vocabulary_when_it_can():
+    assert cdf_chunk(151936) == 128  # Qwen2.5's vocabulary: 2**7 * 1187
+    assert cdf_chunk(1300) == 65
+    assert cdf_chunk(65536) == 256
+    assert cdf_chunk(1187) == 512  # prime: padded
 
 
 def test_greedy_takes_the_argmax():
