@@ -35,7 +35,12 @@ import numpy as np
 
 from vlmgym_model.qwen2_5_vl import vision
 from vlmgym_model.qwen2_5_vl.config import Qwen2_5_VLConfig
-from vlmgym_model.qwen2_5_vl.decoding import KVCache, decode_step, prefill, unstack_layers
+from vlmgym_model.qwen2_5_vl.decoding import (
+    KVCache,
+    decode_step,
+    layers_for_decoding,
+    prefill,
+)
 from vlmgym_model.qwen2_5_vl.model import Qwen2_5_VLWeights, check_image_placeholders
 from vlmgym_model.qwen2_5_vl.model import embed_inputs as _embed_inputs
 from vlmgym_model.qwen2_5_vl.rope import get_rope_index
@@ -466,7 +471,7 @@ class Sampler:
             stopped=jnp.zeros((R,), bool),
         )
 
-        layers = unstack_layers(params.text.layers)  # once, outside the loop
+        layers = layers_for_decoding(params.text.layers)  # once, outside the loop
 
         def sample(s: _DecodeState) -> tuple[_DecodeState, jax.Array]:
             """Draw token `s.step` of every row from `s.logits`; record it."""

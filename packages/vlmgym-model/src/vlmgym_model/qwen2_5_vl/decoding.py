@@ -7,11 +7,12 @@ and decoding writes all rows at the same slot T + step; row b's valid slots are
 `starts[b] <= j < T + step + 1` (`starts` = its count of left padding).
 
 Decoding runs the layers as an unrolled Python loop over per-layer weights
-(`unstack_layers`), not a `scan` over the stacked ones: on CPU a scan slices every layer's
-weights and cache out of the stacked arrays (a copy per layer per token); per-layer
+(`layers_for_decoding`), not a `scan` over the stacked ones: on CPU a scan slices every
+layer's weights and cache out of the stacked arrays (a copy per layer per token); per-layer
 buffers avoid those copies. At the 0.5B shape with 64 rows on CPU, a step went from 0.66 s
-to 0.59 s, and its attention part alone from 0.13 s to 0.05 s. The price is one copy of the
-layer weights per `Sampler` call, held while it decodes.
+to 0.59 s, and its attention part alone from 0.13 s to 0.05 s. Since the weights are copied
+anyway, the copy also takes the layout the CPU's matmul is fastest with (`DecodeLayer`).
+The price is one copy of the layer weights per `Sampler` call, held while it decodes.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import vlmgym_kernels
 from vlmgym_model.matmul import einsum
 from vlmgym_model.qwen2_5_vl import text
 from vlmgym_model.qwen2_5_vl.config import Qwen2_5_VLConfig
-from vlmgym_model.qwen2_5_vl.rope import mrope_cos_sin
+from vlmgym_model.qwen2_5_vl.rope import apply_rope, mrope_cos_sin
 from vlmgym_model.qwen2_5_vl.text import DecoderLayers, TextWeights
 
 
@@ -48,10 +49,53 @@ class KVCache:
         )
 
 
-def unstack_layers(layers: DecoderLayers) -> tuple[DecoderLayers, ...]:
-    """The layer-stacked weights as one pytree per layer (copies, made once per call)."""
-    n = jax.tree.leaves(layers)[0].shape[0]
-    return tuple(jax.tree.map(lambda w, i=i: w[i], layers) for i in range(n))
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeLayer:
+    """One decoder layer's weights laid out for decoding: each matrix [out, in], heads merged.
+
+    XLA's CPU dot (oneDNN) multiplies a few rows by a matrix stored [out, in] (contracting
+    its minor axis, as torch's Linear does) faster than by one stored [in, out]: at 64 rows
+    and the 0.5B MLP shape, 0.90 against 1.40 ms in bf16 and 2.8 against 3.3 ms in fp32.
+    """
+
+    input_norm: jax.Array  # [D]
+    q_proj: jax.Array  # [N*H, D]
+    q_bias: jax.Array  # [N*H]
+    k_proj: jax.Array  # [K*H, D]
+    k_bias: jax.Array  # [K*H]
+    v_proj: jax.Array  # [K*H, D]
+    v_bias: jax.Array  # [K*H]
+    o_proj: jax.Array  # [D, N*H]
+    post_norm: jax.Array  # [D]
+    gate_proj: jax.Array  # [F, D]
+    up_proj: jax.Array  # [F, D]
+    down_proj: jax.Array  # [D, F]
+
+
+def layers_for_decoding(layers: DecoderLayers) -> tuple[DecodeLayer, ...]:
+    """The layer-stacked weights as one `DecodeLayer` per layer (copies, made once per call)."""
+
+    def heads_out(w: jax.Array) -> jax.Array:  # [D, N, H] -> [N*H, D]
+        return w.reshape(w.shape[0], -1).T
+
+    def one(i: int) -> DecodeLayer:
+        return DecodeLayer(
+            input_norm=layers.input_norm[i],
+            q_proj=heads_out(layers.q_proj[i]),
+            q_bias=layers.q_bias[i].reshape(-1),
+            k_proj=heads_out(layers.k_proj[i]),
+            k_bias=layers.k_bias[i].reshape(-1),
+            v_proj=heads_out(layers.v_proj[i]),
+            v_bias=layers.v_bias[i].reshape(-1),
+            o_proj=layers.o_proj[i].reshape(-1, layers.o_proj.shape[-1]).T,
+            post_norm=layers.post_norm[i],
+            gate_proj=layers.gate_proj[i].T,
+            up_proj=layers.up_proj[i].T,
+            down_proj=layers.down_proj[i].T,
+        )
+
+    return tuple(one(i) for i in range(layers.input_norm.shape[0]))
 
 
 def prefill(
@@ -93,7 +137,7 @@ def prefill(
         return tuple(x[i] for i in range(x.shape[0]))
 
     cache = KVCache(per_layer(k), per_layer(v))
-    logits = text.logits_from_hidden(weights, hidden[:, -1:])[:, 0]  # [B, V]
+    logits = text.next_token_logits(weights, hidden[:, -1])  # [B, V]
     return logits, cache
 
 
@@ -106,7 +150,7 @@ def decode_step(
     write_index: jax.Array,
     starts: jax.Array,
     *,
-    layers: Sequence[DecoderLayers] | None = None,
+    layers: Sequence[DecodeLayer] | None = None,
     impl: str = "xla",
 ) -> tuple[jax.Array, KVCache]:
     """One new token per row.
@@ -117,36 +161,45 @@ def decode_step(
       cache: the KV cache; slot `write_index` receives this token's keys and values.
       write_index: int[] scalar, the slot to write (the same for every row).
       starts: int[B], each row's first valid slot.
-      layers: `unstack_layers(weights.layers)`, computed once outside a decode loop (by
+      layers: `layers_for_decoding(weights.layers)`, computed once outside a decode loop (by
         default each call slices the stacked weights itself).
 
     Returns:
       float32[B, V] logits for the next token, and the updated cache.
     """
     cfg = config.text
+    N, K, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     if layers is None:
-        layers = unstack_layers(weights.layers)
-    x = text.embed_tokens(weights, tokens[:, None])  # [B, 1, D]
-    pos3 = jnp.broadcast_to(positions[None, :, None], (3, *positions.shape, 1))  # [3, B, 1]
+        layers = layers_for_decoding(weights.layers)
+    B = tokens.shape[0]
+    x = text.embed_tokens(weights, tokens)  # [B, D]
+    pos3 = jnp.broadcast_to(positions[None, :, None], (3, B, 1))  # [3, B, 1]
     cos, sin = mrope_cos_sin(pos3, cfg)  # [B, 1, H]
     lengths = jnp.broadcast_to(write_index + 1, starts.shape)
     new_k, new_v = [], []
     for layer, k_cache, v_cache in zip(layers, cache.k, cache.v, strict=True):
-        h = text.rms_norm(x, layer.input_norm, cfg.rms_norm_eps)
-        q, k, v = text.attention_qkv(layer, h, cos, sin)  # [B, 1, N, H], [B, 1, K, H]
+        h = text.rms_norm(x, layer.input_norm, cfg.rms_norm_eps)  # [B, D]
+        q = einsum("BD,ED->BE", h, layer.q_proj) + layer.q_bias  # [B, N*H]
+        k = einsum("BD,ED->BE", h, layer.k_proj) + layer.k_bias  # [B, K*H]
+        v = einsum("BD,ED->BE", h, layer.v_proj) + layer.v_bias  # [B, K*H]
+        q = apply_rope(q.reshape(B, 1, N, H), cos, sin)[:, 0]  # [B, N, H]
+        k = apply_rope(k.reshape(B, 1, K, H), cos, sin).reshape(B, K, 1, H)
         k_cache = jax.lax.dynamic_update_slice(
-            k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), (0, 0, write_index, 0)
+            k_cache, k.astype(k_cache.dtype), (0, 0, write_index, 0)
         )
         v_cache = jax.lax.dynamic_update_slice(
-            v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, write_index, 0)
+            v_cache, v.reshape(B, K, 1, H).astype(v_cache.dtype), (0, 0, write_index, 0)
         )
         attn = vlmgym_kernels.decode_attention(
-            q[:, 0], k_cache.astype(q.dtype), v_cache.astype(q.dtype), lengths, starts, impl=impl
+            q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), lengths, starts, impl=impl
         )  # [B, N, H]
-        x = x + einsum("BNH,NHD->BD", attn, layer.o_proj)[:, None]
-        x = x + text.mlp(layer, text.rms_norm(x, layer.post_norm, cfg.rms_norm_eps))
+        x = x + einsum("BE,DE->BD", attn.reshape(B, N * H), layer.o_proj)
+        h = text.rms_norm(x, layer.post_norm, cfg.rms_norm_eps)
+        gate = einsum("BD,FD->BF", h, layer.gate_proj)
+        up = einsum("BD,FD->BF", h, layer.up_proj)
+        x = x + einsum("BF,DF->BD", jax.nn.silu(gate) * up, layer.down_proj)
         new_k.append(k_cache)
         new_v.append(v_cache)
     hidden = text.rms_norm(x, weights.norm, cfg.rms_norm_eps)
-    logits = text.logits_from_hidden(weights, hidden)[:, 0]  # [B, V]
+    logits = text.next_token_logits(weights, hidden)  # [B, V]
     return logits, KVCache(tuple(new_k), tuple(new_v))

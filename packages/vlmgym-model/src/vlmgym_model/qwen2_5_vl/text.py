@@ -100,6 +100,17 @@ def attention_qkv(
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
+def attention_output(layer: DecoderLayers, attn: jax.Array) -> jax.Array:
+    """o_proj: attn [B, T, N, H] -> [B, T, D], as one [N*H, D] matmul.
+
+    The heads are merged first: XLA's CPU dot with two contracting axes ran about 3x slower
+    than the same product as a plain matrix multiply at decode shapes.
+    """
+    B, T, N, H = attn.shape
+    w = layer.o_proj.reshape(N * H, -1)  # [N*H, D]
+    return einsum("BTE,ED->BTD", attn.reshape(B, T, N * H), w)
+
+
 def mlp(layer: DecoderLayers, h: jax.Array) -> jax.Array:
     """SwiGLU: down(silu(gate(h)) * up(h)). h [B, T, D] -> [B, T, D]."""
     gate = einsum("BTD,DF->BTF", h, layer.gate_proj)  # [B, T, F]
@@ -132,7 +143,7 @@ def decoder_layer(
     attn = vlmgym_kernels.attention(
         q, k, v, segment_ids, segment_ids, causal=True, impl=impl
     )  # [B, T, N, H]
-    x = x + einsum("BTNH,NHD->BTD", attn, layer.o_proj)
+    x = x + attention_output(layer, attn)
     x = x + mlp(layer, rms_norm(x, layer.post_norm, cfg.rms_norm_eps))
     return x, (k, v)
 
@@ -181,3 +192,15 @@ def logits_from_hidden(weights: TextWeights, hidden: jax.Array) -> jax.Array:
     return jnp.einsum(
         "BTD,DV->BTV", hidden, output_projection(weights), preferred_element_type=jnp.float32
     )
+
+
+def next_token_logits(weights: TextWeights, hidden: jax.Array) -> jax.Array:
+    """[B, D] -> float32[B, V]: one position per row, as a plain 2-D matmul.
+
+    A tied projection is read as the [V, D] embedding itself (no transpose): on CPU this
+    ran 0.045 s against 0.062 s for `logits_from_hidden` on one position, at 64 rows x 152k
+    in bf16.
+    """
+    if weights.lm_head is None:
+        return jnp.einsum("BD,VD->BV", hidden, weights.embed, preferred_element_type=jnp.float32)
+    return jnp.einsum("BD,DV->BV", hidden, weights.lm_head, preferred_element_type=jnp.float32)

@@ -361,7 +361,9 @@ def vision_tower(
         h = rms_norm(x, layer.norm1, cfg.rms_norm_eps)
         q, k, v = _attention_qkv(layer, h, cos, sin)
         attn = jax.lax.cond(full, full_attention, window_attention, q, k, v)  # [P, N, H]
-        x = x + einsum("PNH,NHD->PD", attn, layer.o_proj) + layer.o_bias
+        P, N, H = attn.shape
+        o_proj = layer.o_proj.reshape(N * H, -1)  # [N*H, E]: one plain matmul (see text.py)
+        x = x + einsum("PE,ED->PD", attn.reshape(P, N * H), o_proj) + layer.o_bias
         x = x + _mlp(layer, rms_norm(x, layer.norm2, cfg.rms_norm_eps))
         return x, None
 
