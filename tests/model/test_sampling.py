@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from vlmgym_model import Qwen2_5_VLConfig, init_random_params
+from vlmgym_model.qwen2_5_vl.decoding import prefill
 from vlmgym_model.qwen2_5_vl.model import forward_tokens
 from vlmgym_model.sampling import (
     Sampler,
@@ -83,6 +84,22 @@ def test_logprobs_equal_teacher_forced_forward(model, sampler, tol):
                 np.testing.assert_allclose(s.logprobs, ref, atol=tol["float32"], rtol=0)
                 # the sampled-from distribution is tempered and filtered: it differs
                 assert not np.allclose(s.sampling_logprobs, s.logprobs, atol=1e-3)
+
+
+def test_group_samples_share_the_prompt_cache(model):
+    """A prompt's keys and values are stored once for its samples, not copied to each."""
+    config, params = model
+    P, T, n, N = 2, 7, 3, 5
+    x = jax.random.normal(jax.random.key(0), (P, T, config.text.hidden_size))
+    pos = jnp.broadcast_to(jnp.arange(T), (3, P, T))
+    logits, cache = prefill(
+        params.text, config, x, jnp.ones((P, T), jnp.int32), pos, N, num_samples=n
+    )
+    K, H = config.text.num_key_value_heads, config.text.head_dim
+    assert logits.shape == (P, config.text.vocab_size)
+    assert len(cache.prompt_k) == len(cache.k) == config.text.num_hidden_layers
+    assert cache.prompt_k[0].shape == cache.prompt_v[0].shape == (P, K, T, H)
+    assert cache.k[0].shape == cache.v[0].shape == (P * n, K, N, H)
 
 
 def test_same_key_same_samples_other_key_other_samples(model, sampler):

@@ -1,6 +1,6 @@
 """Attention kernels for vlm-gym, each beside a plain-jnp reference with the same signature.
 
-The model calls the three functions below with an explicit `impl` (one of `IMPLS`):
+The model calls the functions below with an explicit `impl` (one of `IMPLS`):
 
 * `"reference"`: the plain-jnp ground truth (`vlmgym_kernels.reference`);
 * `"xla"`: structured jnp that skips what the mask rules out (`vlmgym_kernels.xla`):
@@ -13,9 +13,23 @@ The model calls the three functions below with an explicit `impl` (one of `IMPLS
 
 `attention` and `vision_attention` are differentiable under every impl (the Pallas flash
 kernel has its own `custom_vjp`); `decode_attention` is forward-only under the Pallas impls.
+`prefix_decode_attention` (group sampling: a prompt's cache read once for all its samples)
+has reference and xla implementations; the Pallas impls run the xla one.
 Nothing here probes hardware at import time; the backend is checked at call time.
 """
 
-from vlmgym_kernels.dispatch import IMPLS, attention, decode_attention, vision_attention
+from vlmgym_kernels.dispatch import (
+    IMPLS,
+    attention,
+    decode_attention,
+    prefix_decode_attention,
+    vision_attention,
+)
 
-__all__ = ["IMPLS", "attention", "decode_attention", "vision_attention"]
+__all__ = [
+    "IMPLS",
+    "attention",
+    "decode_attention",
+    "prefix_decode_attention",
+    "vision_attention",
+]

@@ -75,6 +75,28 @@ def decode_attention(
     )
 
 
+def prefix_decode_attention(
+    q: jax.Array,
+    prefix_k: jax.Array,
+    prefix_v: jax.Array,
+    prefix_starts: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    lengths: jax.Array,
+    *,
+    scale: float | None = None,
+    impl: str = "xla",
+) -> jax.Array:
+    """Decode attention with a prompt cache shared by groups of rows; see
+    `reference.prefix_decode_attention`. There is no Pallas kernel for it: the Pallas
+    impls run the xla one (plain batched matmuls, which XLA lowers well on GPUs too)."""
+    _pallas_interpret(impl, "prefix_decode_attention")
+    args = (q, prefix_k, prefix_v, prefix_starts, k, v, lengths)
+    if impl == "reference":
+        return reference.prefix_decode_attention(*args, scale=scale)
+    return xla.prefix_decode_attention(*args, scale=scale)
+
+
 def vision_attention(
     q: jax.Array,
     k: jax.Array,

@@ -105,6 +105,44 @@ def decode_attention(
     return out.reshape(B, N, H)
 
 
+def prefix_decode_attention(
+    q: jax.Array,
+    prefix_k: jax.Array,
+    prefix_v: jax.Array,
+    prefix_starts: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    lengths: jax.Array,
+    *,
+    scale: float | None = None,
+) -> jax.Array:
+    """Decode attention for groups of rows that share a prompt's cache (group sampling).
+
+    Row r = p * n + j is sample j of prompt p. It attends to prompt p's cache, stored once
+    for its n samples, followed by its own keys (the tokens it generated).
+
+    Args:
+      q: float[R, N, H], R = P * n.
+      prefix_k, prefix_v: float[P, K, T, H], each prompt's cache; slot j of prompt p is
+        valid when j >= prefix_starts[p] (left padding before).
+      prefix_starts: int[P].
+      k, v: float[R, K, S, H], each row's own keys; slot j of row r is valid when
+        j < lengths[r].
+      lengths: int[R].
+
+    Returns:
+      float[R, N, H] in q's dtype: `decode_attention` over the concatenation, prefix first.
+    """
+    R, P, T = q.shape[0], prefix_k.shape[0], prefix_k.shape[2]
+    if R % P:
+        raise ValueError(f"prefix_decode_attention: {R} rows are not a multiple of {P} prompts")
+    n = R // P
+    full_k = jnp.concatenate([jnp.repeat(prefix_k, n, axis=0), k], axis=2)  # [R, K, T + S, H]
+    full_v = jnp.concatenate([jnp.repeat(prefix_v, n, axis=0), v], axis=2)
+    starts = jnp.repeat(prefix_starts, n)
+    return decode_attention(q, full_k, full_v, T + lengths, starts, scale=scale)
+
+
 def vision_attention(
     q: jax.Array,
     k: jax.Array,

@@ -175,6 +175,76 @@ def decode_attention(
     return out.reshape(B, N, H).astype(q.dtype)
 
 
+def _partial_softmax(
+    scores: jax.Array, v: jax.Array, spec: str
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Unnormalised attention over one block of keys: (row max, row sum, weights @ v).
+
+    Rows with no valid key (all scores -inf) give max -inf and sum and output 0.
+    """
+    row_max = jnp.max(scores, axis=-1, keepdims=True)
+    weights = jnp.exp(scores - row_max)  # NaN on empty rows, zeroed below
+    denom = jnp.sum(weights, axis=-1, keepdims=True)
+    out = jnp.einsum(spec, weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    empty = row_max == -jnp.inf
+    return row_max, jnp.where(empty, 0.0, denom), jnp.where(empty, 0.0, out)
+
+
+def prefix_decode_attention(
+    q: jax.Array,
+    prefix_k: jax.Array,
+    prefix_v: jax.Array,
+    prefix_starts: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    lengths: jax.Array,
+    *,
+    scale: float | None = None,
+) -> jax.Array:
+    """Shared-prefix decode attention; the contract is `reference.prefix_decode_attention`'s.
+
+    The prompt's keys are read once for its n samples: their n * G query heads per kv
+    head form one [n*G, T] score matrix per (prompt, kv head), a matmul with n times
+    more rows than per-sample attention and n times less cache traffic. The samples' own
+    keys are attended apart, and the two partial softmaxes are merged by their maxima.
+    """
+    R, N, H = q.shape
+    P, K, T, _ = prefix_k.shape
+    S = k.shape[2]
+    if R % P:
+        raise ValueError(f"prefix_decode_attention: {R} rows are not a multiple of {P} prompts")
+    if N % K:
+        raise ValueError(
+            f"prefix_decode_attention: {N} query heads are not a multiple of {K} kv heads"
+        )
+    n, G = R // P, N // K
+    scale = H**-0.5 if scale is None else scale
+
+    def to_rows(x: jax.Array) -> jax.Array:  # [P, K, n*G, X] -> [R, K, G, X]
+        x = x.reshape(P, K, n, G, x.shape[-1]).transpose(0, 2, 1, 3, 4)
+        return x.reshape(R, K, G, x.shape[-1])
+
+    qp = q.reshape(P, n, K, G, H).transpose(0, 2, 1, 3, 4).reshape(P, K, n * G, H)
+    prefix_bias = jnp.where(jnp.arange(T)[None, :] >= prefix_starts[:, None], 0.0, -jnp.inf)
+    scores = jnp.einsum("PKMH,PKTH->PKMT", qp, prefix_k, preferred_element_type=jnp.float32)
+    scores = scores * scale + prefix_bias[:, None, None, :]  # [P, K, n*G, T]
+    m1, d1, o1 = (to_rows(x) for x in _partial_softmax(scores, prefix_v, "PKMT,PKTH->PKMH"))
+
+    own_bias = jnp.where(jnp.arange(S)[None, :] < lengths[:, None], 0.0, -jnp.inf)  # [R, S]
+    scores = jnp.einsum(
+        "RKGH,RKSH->RKGS", q.reshape(R, K, G, H), k, preferred_element_type=jnp.float32
+    )
+    scores = scores * scale + own_bias[:, None, None, :]  # [R, K, G, S]
+    m2, d2, o2 = _partial_softmax(scores, v, "RKGS,RKSH->RKGH")
+
+    m = jnp.maximum(m1, m2)  # [R, K, G, 1]
+    a1 = jnp.where(m1 == -jnp.inf, 0.0, jnp.exp(m1 - m))
+    a2 = jnp.where(m2 == -jnp.inf, 0.0, jnp.exp(m2 - m))
+    denom = d1 * a1 + d2 * a2
+    out = jnp.where(denom > 0, (o1 * a1 + o2 * a2) / denom, 0.0)  # [R, K, G, H]
+    return out.reshape(R, N, H).astype(q.dtype)
+
+
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 

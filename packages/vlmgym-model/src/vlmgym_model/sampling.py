@@ -5,8 +5,9 @@ This engine produces every rollout the trainer learns from. What it does:
 1. Prompts (token ids from the `Processor`, images as `pixel_values`) are LEFT-padded to a
    length bucket and the batch is padded to a batch bucket, so calls whose shapes fall in
    the same buckets reuse one compiled program (`Sampler.compilations` counts them).
-2. The vision tower encodes the images; one prefill per prompt fills the KV cache; the
-   prompt's cache rows are copied to its `num_samples` samples (group sampling).
+2. The vision tower encodes the images; one prefill per prompt fills the KV cache, which
+   its `num_samples` samples then share (group sampling: the prompt's cache is stored and
+   read once per prompt, not copied to each sample).
 3. One jitted `lax.while_loop` decodes until every row has produced a stop token or
    `max_new_tokens`; the cache buffer is donated and updated in place.
 
@@ -391,7 +392,7 @@ class Sampler:
         self.cache_dtype = cache_dtype
         self.pad_token_id = int(getattr(processor, "pad_token_id", None) or 0)
         self.compilations: dict[str, int] = {"prefill": 0, "decode": 0}
-        self._prefill = jax.jit(self._prefill_impl, static_argnames=("cache_size", "num_samples"))
+        self._prefill = jax.jit(self._prefill_impl, static_argnames=("new_tokens", "num_samples"))
         self._decode = jax.jit(
             self._decode_impl,
             static_argnames=("max_new_tokens", "greedy", "top_k", "use_top_p", "use_min_p"),
@@ -409,7 +410,7 @@ class Sampler:
         image_features: jax.Array | None,
         image_index: tuple[jax.Array, jax.Array] | None,
         *,
-        cache_size: int,
+        new_tokens: int,
         num_samples: int,
     ) -> tuple[jax.Array, KVCache]:
         self.compilations["prefill"] += 1  # runs once per trace, i.e. per compilation
@@ -420,13 +421,13 @@ class Sampler:
             x,
             segment_ids,
             positions,
-            cache_size,
+            new_tokens,
+            num_samples=num_samples,
             impl=self.impl,
             cache_dtype=self.cache_dtype,
         )
         if num_samples > 1:
             logits = jnp.repeat(logits, num_samples, axis=0)
-            cache = cache.repeat(num_samples)
         return logits, cache
 
     def _decode_impl(
@@ -435,8 +436,7 @@ class Sampler:
         logits: jax.Array,
         cache: KVCache,
         next_positions: jax.Array,
-        starts: jax.Array,
-        prompt_len: jax.Array,
+        prompt_starts: jax.Array,
         active: jax.Array,
         prompt_keys: jax.Array,
         temperature: jax.Array,
@@ -512,8 +512,8 @@ class Sampler:
                 tok,
                 next_positions + s.step - 1,
                 s.cache,
-                prompt_len + s.step - 1,
-                starts,
+                s.step - 1,
+                prompt_starts,
                 layers=layers,
                 impl=self.impl,
             )
@@ -634,7 +634,7 @@ class Sampler:
             jnp.asarray(positions),
             features,
             index,
-            cache_size=T + N,
+            new_tokens=N,
             num_samples=n,
         )
         logits.block_until_ready()
@@ -649,8 +649,7 @@ class Sampler:
             logits,
             cache,
             jnp.asarray(np.repeat(next_pos, n)),
-            jnp.asarray(np.repeat(starts, n)),
-            jnp.asarray(T, jnp.int32),
+            jnp.asarray(starts),
             jnp.asarray(np.repeat(active, n)),
             self._prompt_keys(key, B, Bb),
             jnp.asarray(sampling.temperature, jnp.float32),
