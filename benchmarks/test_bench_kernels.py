@@ -121,6 +121,42 @@ def test_decode(benchmark, impl: str) -> None:
     _time(benchmark, fn, (q, k, v, lengths), flops=flops)
 
 
+@pytest.mark.parametrize("layout", ["copied", "shared"])
+def test_group_decode(benchmark, layout: str) -> None:
+    """Group sampling: the decode shape's rows as B/8 prompts x 8 samples, their prompt
+    (the first S - 64 slots) either copied to every sample (`decode_attention`) or stored
+    once per prompt (`prefix_decode_attention`); xla impl."""
+    B, S, N, K, H = _shapes().decode
+    n = 8
+    P, T, G = max(1, B // n), S - 64, 64  # prompts, prompt slots, generated slots
+    R = P * n
+    benchmark.group = f"group decode {P}x{n} rows, prompt {T} + {G} own slots"
+    q = _normal(0, (R, N, H))
+    prefix_k, prefix_v = _normal(1, (P, K, T, H)), _normal(2, (P, K, T, H))
+    k, v = _normal(3, (R, K, G, H)), _normal(4, (R, K, G, H))
+    lengths = jnp.full((R,), G // 2, jnp.int32)
+    starts = jnp.zeros((P,), jnp.int32)
+    if layout == "shared":
+
+        def fn(q, prefix_k, prefix_v, k, v):
+            return vlmgym_kernels.prefix_decode_attention(
+                q, prefix_k, prefix_v, starts, k, v, lengths, impl="xla"
+            )
+
+        args = (q, prefix_k, prefix_v, k, v)
+    else:
+        full_k = jnp.concatenate([jnp.repeat(prefix_k, n, axis=0), k], axis=2)
+        full_v = jnp.concatenate([jnp.repeat(prefix_v, n, axis=0), v], axis=2)
+
+        def fn(q, full_k, full_v):
+            return vlmgym_kernels.decode_attention(
+                q, full_k, full_v, T + lengths, jnp.repeat(starts, n), impl="xla"
+            )
+
+        args = (q, full_k, full_v)
+    _time(benchmark, fn, args, flops=4 * N * H * R * (T + G // 2))
+
+
 def _vision_layout(side: int, window: int) -> tuple[np.ndarray, int]:
     """Window segment ids of one side x side image (14 px patches, 2 x 2 merge) in HF order."""
     units = -(-side // 28)  # merge units per side (the processor rounds to multiples of 28)
