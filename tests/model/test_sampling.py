@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from vlmgym_model import Qwen2_5_VLConfig, init_random_params
-from vlmgym_model.qwen2_5_vl.decoding import prefill
+from vlmgym_model.qwen2_5_vl.decoding import _write_slot, prefill
 from vlmgym_model.qwen2_5_vl.model import forward_tokens
 from vlmgym_model.sampling import (
     Sampler,
@@ -285,3 +285,23 @@ def test_invalid_sampling_params():
         SamplingParams(top_p=0)
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cache_write_is_exact_and_stays_in_its_dtype(dtype):
+    """`_write_slot` writes one slot; a bf16 cache is never converted to f32 as a whole
+    (XLA's CPU backend does that for a bf16 dynamic-update-slice, on every token)."""
+    cache = jnp.arange(3 * 2 * 5 * 4, dtype=jnp.float32).reshape(3, 2, 5, 4).astype(dtype)
+    update = jnp.full((3, 2, 1, 4), -1.5, jnp.float32)
+    write = jax.jit(_write_slot)
+    got = np.asarray(write(cache, update, jnp.int32(2)).astype(jnp.float32))
+    want = np.array(cache.astype(jnp.float32))
+    want[:, :, 2] = -1.5
+    np.testing.assert_array_equal(got, want)
+    hlo = write.lower(cache, update, jnp.int32(2)).compile().as_text()
+    assert "f32[3,2,5,4]" not in hlo or dtype == jnp.float32, hlo
+    if dtype == jnp.bfloat16:  # the counter-check: the plain update converts the buffer
+        plain = jax.jit(
+            lambda c, u, i: jax.lax.dynamic_update_slice(c, u.astype(c.dtype), (0, 0, i, 0))
+        )
+        assert "f32[3,2,5,4]" in plain.lower(cache, update, jnp.int32(2)).compile().as_text()

@@ -151,6 +151,24 @@ def prefill(
     return logits, cache
 
 
+def _write_slot(cache: jax.Array, update: jax.Array, index: jax.Array) -> jax.Array:
+    """`cache[:, :, index] = update` in place: cache [R, K, N, H], update [R, K, 1, H].
+
+    XLA's CPU backend runs a bf16 dynamic-update-slice in float32: it converts the whole
+    buffer to f32 and back on every write, so a token's write costs as much as the cache
+    (at 64 rows x 1024 slots, 0.34 ms per layer and token against 0.004 ms in f32). The
+    same bits written as uint16 are updated in place (0.04 ms).
+    """
+    update = update.astype(cache.dtype)
+    if cache.dtype.itemsize != 2 or not jnp.issubdtype(cache.dtype, jnp.floating):
+        return jax.lax.dynamic_update_slice(cache, update, (0, 0, index, 0))
+    bits = jax.lax.bitcast_convert_type
+    out = jax.lax.dynamic_update_slice(
+        bits(cache, jnp.uint16), bits(update, jnp.uint16), (0, 0, index, 0)
+    )
+    return bits(out, cache.dtype)
+
+
 def decode_step(
     weights: TextWeights,
     config: Qwen2_5_VLConfig,
@@ -196,12 +214,8 @@ def decode_step(
         v = einsum("BD,ED->BE", h, layer.v_proj) + layer.v_bias  # [B, K*H]
         q = apply_rope(q.reshape(B, 1, N, H), cos, sin)[:, 0]  # [B, N, H]
         k = apply_rope(k.reshape(B, 1, K, H), cos, sin).reshape(B, K, 1, H)
-        k_cache = jax.lax.dynamic_update_slice(
-            k_cache, k.astype(k_cache.dtype), (0, 0, write_index, 0)
-        )
-        v_cache = jax.lax.dynamic_update_slice(
-            v_cache, v.reshape(B, K, 1, H).astype(v_cache.dtype), (0, 0, write_index, 0)
-        )
+        k_cache = _write_slot(k_cache, k, write_index)
+        v_cache = _write_slot(v_cache, v.reshape(B, K, 1, H), write_index)
         attn = vlmgym_kernels.prefix_decode_attention(
             q,
             prompt_k.astype(q.dtype),
