@@ -89,7 +89,7 @@ def prefix_decode_attention(
 ) -> jax.Array:
     """Decode attention with a prompt cache shared by groups of rows; see
     `reference.prefix_decode_attention`. There is no Pallas kernel for it: the Pallas
-    impls run the xla one (plain batched matmuls, which XLA lowers well on GPUs too)."""
+    impls run the xla one (plain batched matmuls; not yet timed on a GPU)."""
     _pallas_interpret(impl, "prefix_decode_attention")
     args = (q, prefix_k, prefix_v, prefix_starts, k, v, lengths)
     if impl == "reference":

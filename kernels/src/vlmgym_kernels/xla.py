@@ -162,15 +162,7 @@ def decode_attention(
     scores = (
         jnp.einsum("BKGH,BKSH->BKGS", qg, k, preferred_element_type=jnp.float32) * scale + bias
     )  # [B, K, G, S]
-    row_max = jnp.max(scores, axis=-1, keepdims=True)  # [B, K, G, 1]
-    weights = jnp.exp(scores - row_max)  # unnormalised; 0 where masked, NaN on empty rows
-    denom = jnp.sum(weights, axis=-1, keepdims=True)
-    # The output [B, K, G, H] is normalised, not the weights [B, K, G, S], and rows with
-    # no valid key (NaN above) are zeroed there too: guards on the per-slot arrays cost
-    # CPU fusions (at 64 rows x 354 slots x 24 layers, 0.055 -> 0.044 s a token).
-    out = jnp.einsum(
-        "BKGS,BKSH->BKGH", weights.astype(v.dtype), v, preferred_element_type=jnp.float32
-    )  # [B, K, G, H]
+    _, denom, out = _partial_softmax(scores, v, "BKGS,BKSH->BKGH")  # [B, K, G, H]
     out = jnp.where(denom > 0, out / denom, 0.0)
     return out.reshape(B, N, H).astype(q.dtype)
 
@@ -180,14 +172,18 @@ def _partial_softmax(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Unnormalised attention over one block of keys: (row max, row sum, weights @ v).
 
-    Rows with no valid key (all scores -inf) give max -inf and sum and output 0.
+    Rows with no valid key (all scores -inf) give max -inf and sum and output 0. The
+    output is normalised by the caller, on [.., H] rather than on the [.., S] weights, and
+    the empty-row guards test the row sum on the small arrays: guards on the per-slot
+    arrays, or on the row max, cost CPU fusions (at 64 rows x 354 slots x 24 layers, decode
+    attention went 0.055 -> 0.036 s a token).
     """
     row_max = jnp.max(scores, axis=-1, keepdims=True)
     weights = jnp.exp(scores - row_max)  # NaN on empty rows, zeroed below
     denom = jnp.sum(weights, axis=-1, keepdims=True)
     out = jnp.einsum(spec, weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    empty = row_max == -jnp.inf
-    return row_max, jnp.where(empty, 0.0, denom), jnp.where(empty, 0.0, out)
+    valid = denom > 0  # False on empty rows (NaN)
+    return row_max, jnp.where(valid, denom, 0.0), jnp.where(valid, out, 0.0)
 
 
 def prefix_decode_attention(
