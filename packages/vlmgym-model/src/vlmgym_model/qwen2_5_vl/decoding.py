@@ -45,15 +45,6 @@ class KVCache:
     k: tuple[jax.Array, ...]  # L x [R, K, N, H], one per row (sample), R = P * n
     v: tuple[jax.Array, ...]  # L x [R, K, N, H]
 
-    @property
-    def prompt_len(self) -> int:
-        return self.prompt_k[0].shape[2]
-
-    @property
-    def size(self) -> int:
-        """Slots for generated tokens."""
-        return self.k[0].shape[2]
-
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -191,7 +182,7 @@ def decode_step(
       write_index: int[] scalar, the slot to write (the same for every row).
       prompt_starts: int[P], each prompt's first valid slot (its left padding).
       layers: `layers_for_decoding(weights.layers)`, computed once outside a decode loop (by
-        default each call slices the stacked weights itself).
+        default each call makes that copy itself).
 
     Returns:
       float32[R, V] logits for the next token, and the updated cache.
