@@ -36,10 +36,13 @@ def _chunk_attention(
         "BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32
     )  # [B, K, G, T, S]
     scores = scores * scale
-    mask = mask[:, None, None, :, :]  # [B, 1, 1, T, S]
-    row_max = jnp.max(jnp.where(mask, scores, -jnp.inf), axis=-1, keepdims=True)
+    # Masked scores become -inf BEFORE the exp. A masked score can be far above the row's
+    # max over valid keys (real activations: +1e3 and more); its exp would overflow to inf,
+    # and even zeroed after the exp, the backward pass would multiply 0 by inf (NaN).
+    scores = jnp.where(mask[:, None, None, :, :], scores, -jnp.inf)  # [B, K, G, T, S]
+    row_max = jnp.max(scores, axis=-1, keepdims=True)
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)  # [B, K, G, T, 1]
-    weights = jnp.where(mask, jnp.exp(scores - row_max), 0.0)
+    weights = jnp.exp(scores - row_max)  # exactly 0 where masked, and so is its gradient
     denom = jnp.sum(weights, axis=-1, keepdims=True)
     weights = weights / jnp.where(denom > 0, denom, 1.0)
     out = jnp.einsum(
