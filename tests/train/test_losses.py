@@ -50,17 +50,27 @@ def inputs(d: dict[str, np.ndarray], **over: object) -> LossInputs:
 # ----------------------------------------------------------------------------- references
 
 
-def ref_aggregate(v: np.ndarray, m: np.ndarray, mode: str, max_tokens: int | None) -> float:
+def ref_aggregate(
+    v: np.ndarray,
+    m: np.ndarray,
+    mode: str,
+    max_tokens: int | None,
+    rows: str = "nonempty",
+    num_tokens: float | None = None,
+) -> float:
     total = sum(float(v[b, t]) for b in range(v.shape[0]) for t in range(v.shape[1]) if m[b, t])
     if mode == "token_mean":
-        return total / max(float(m.sum()), 1.0)
+        return total / max(float(m.sum()) if num_tokens is None else num_tokens, 1.0)
     if mode == "constant":
         return total / (v.shape[0] * (max_tokens or v.shape[1]))
+    if mode == "token_sum_norm":
+        return total / (max_tokens or v.shape[1])
     per_seq = []
     for b in range(v.shape[0]):
         n = int(m[b].sum())
-        if n:
-            per_seq.append(sum(float(v[b, t]) for t in range(v.shape[1]) if m[b, t]) / n)
+        if n or rows == "all":
+            row_sum = sum(float(v[b, t]) for t in range(v.shape[1]) if m[b, t])
+            per_seq.append(row_sum / max(n, 1) if mode == "seq_mean" else row_sum)
     return sum(per_seq) / max(len(per_seq), 1)
 
 
@@ -88,10 +98,12 @@ def ref_ppo_tokens(d: dict[str, np.ndarray], low: float, high: float) -> tuple[n
     return pg, grad
 
 
-def token_weights(m: np.ndarray, mode: str, max_tokens: int | None) -> np.ndarray:
+def token_weights(
+    m: np.ndarray, mode: str, max_tokens: int | None, rows: str = "nonempty"
+) -> np.ndarray:
     """d(aggregate)/d(value[b, t])."""
     w = np.zeros_like(m, dtype=np.float64)
-    nonempty = sum(1 for b in range(m.shape[0]) if m[b].sum() > 0)
+    R = m.shape[0] if rows == "all" else sum(1 for b in range(m.shape[0]) if m[b].sum() > 0)
     for b in range(m.shape[0]):
         for t in range(m.shape[1]):
             if not m[b, t]:
@@ -99,7 +111,11 @@ def token_weights(m: np.ndarray, mode: str, max_tokens: int | None) -> np.ndarra
             if mode == "token_mean":
                 w[b, t] = 1.0 / m.sum()
             elif mode == "seq_mean":
-                w[b, t] = 1.0 / (m[b].sum() * nonempty)
+                w[b, t] = 1.0 / (m[b].sum() * R)
+            elif mode == "seq_sum":
+                w[b, t] = 1.0 / R
+            elif mode == "token_sum_norm":
+                w[b, t] = 1.0 / (max_tokens or m.shape[1])
             else:
                 w[b, t] = 1.0 / (m.shape[0] * (max_tokens or m.shape[1]))
     return w
@@ -135,23 +151,54 @@ def test_registry() -> None:
         get_loss("ppo")
 
 
-@pytest.mark.parametrize("mode", ["token_mean", "seq_mean", "constant"])
+MODES = ["token_mean", "seq_mean", "seq_sum", "constant", "token_sum_norm"]
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("max_tokens", [None, 10])
-def test_aggregate(mode: str, max_tokens: int | None, tol: dict[str, float]) -> None:
+@pytest.mark.parametrize("rows", ["nonempty", "all"])
+def test_aggregate(mode: str, max_tokens: int | None, rows: str, tol: dict[str, float]) -> None:
     d = make_batch(1)
     v = d["logp"] * 3.0
-    got = float(aggregate(jnp.asarray(v), jnp.asarray(d["mask"]), mode, max_tokens=max_tokens))
-    assert got == pytest.approx(ref_aggregate(v, d["mask"], mode, max_tokens), abs=tol["float32"])
+    got = float(
+        aggregate(
+            jnp.asarray(v),
+            jnp.asarray(d["mask"]),
+            mode,
+            max_tokens=max_tokens,
+            seq_denominator=rows,
+        )
+    )
+    want = ref_aggregate(v, d["mask"], mode, max_tokens, rows)
+    assert got == pytest.approx(want, abs=tol["float32"])
 
 
-@pytest.mark.parametrize("mode", ["token_mean", "seq_mean", "constant"])
+def test_aggregate_seq_denominator_and_num_tokens(tol: dict[str, float]) -> None:
+    d = make_batch(1)
+    v, m = jnp.asarray(d["logp"]), jnp.asarray(d["mask"])
+    for mode in ("seq_mean", "seq_sum"):  # one empty row of B = 4
+        ne = float(aggregate(v, m, mode))
+        assert float(aggregate(v, m, mode, seq_denominator="all")) == pytest.approx(ne * 3 / 4)
+    token_mean = float(aggregate(v, m, "token_mean"))
+    halved = float(aggregate(v, m, "token_mean", num_tokens=2.0 * sum(LENGTHS)))
+    assert halved == pytest.approx(token_mean / 2, abs=tol["float32"])
+    assert float(aggregate(v, m, "seq_mean", num_tokens=1.0)) == pytest.approx(
+        float(aggregate(v, m, "seq_mean"))
+    )  # num_tokens is token_mean's only
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_ppo_clip_values_and_grads(mode: str, tol: dict[str, float]) -> None:
     d = make_batch(2)
-    cfg = LossConfig(clip_low=0.2, clip_high=0.28, aggregation=mode, max_tokens=8)
+    rows = "all" if mode == "seq_sum" else "nonempty"
+    cfg = LossConfig(
+        clip_low=0.2, clip_high=0.28, aggregation=mode, max_tokens=8, seq_denominator=rows
+    )
     loss, metrics, g, _ = loss_and_grads("ppo_clip", inputs(d, ref_logp=None), cfg)
     pg, dpg = ref_ppo_tokens(d, 0.2, 0.28)
-    assert loss == pytest.approx(ref_aggregate(pg, d["mask"], mode, 8), abs=tol["float32"])
-    np.testing.assert_allclose(g, dpg * token_weights(d["mask"], mode, 8), atol=tol["float32"])
+    assert loss == pytest.approx(ref_aggregate(pg, d["mask"], mode, 8, rows), abs=tol["float32"])
+    want_g = dpg * token_weights(d["mask"], mode, 8, rows)
+    np.testing.assert_allclose(g, want_g, atol=tol["float32"])
     assert float(metrics["loss/pg"]) == pytest.approx(loss, abs=tol["float32"])
     assert float(metrics["tokens"]) == sum(LENGTHS)
 
@@ -234,6 +281,37 @@ def test_kl_estimators(est: str, tol: dict[str, float]) -> None:
     kl_agg = ref_aggregate(want, d["mask"], "token_mean", None)
     assert loss - base == pytest.approx(0.5 * kl_agg, abs=tol["float32"])
     assert float(metrics["kl/ref"]) == pytest.approx(kl_agg, abs=tol["float32"])
+
+
+@pytest.mark.parametrize("name", ["ppo_clip", "reinforce"])
+def test_kl_ratio_weights_k3_by_the_token_ratio(name: str, tol: dict[str, float]) -> None:
+    """kl_ratio: kl_coef * agg(r * k3), r = exp(logp - old_logp), gradient through r too."""
+    d = make_batch(13)
+    zero_adv = dict(advantages=np.zeros(B, np.float32), entropy=None)  # only the KL term moves
+    cfg = LossConfig(kl_coef=0.5, kl_ratio=True, aggregation="token_mean")
+    loss, _, g, _ = loss_and_grads(name, inputs(d, **zero_adv), cfg)
+    lp, old, ref = (d[k].astype(np.float64) for k in ("logp", "old_logp", "ref_logp"))
+    r, e = np.exp(lp - old), np.exp(ref - lp)
+    k3 = e - (ref - lp) - 1.0
+    w = token_weights(d["mask"], "token_mean", None)
+    assert loss == pytest.approx(0.5 * ref_aggregate(r * k3, d["mask"], "token_mean", None))
+    # d/dlogp (r * k3) = r * k3 + r * (1 - e)
+    np.testing.assert_allclose(g, 0.5 * w * (r * k3 + r * (1.0 - e)), atol=tol["float32"])
+    plain, _, _, _ = loss_and_grads(
+        name, inputs(d, **zero_adv), dataclasses.replace(cfg, kl_ratio=False)
+    )
+    assert abs(plain - loss) > 1e-3
+
+
+def test_entropy_aggregation_token_mean(tol: dict[str, float]) -> None:
+    d = make_batch(14)
+    cfg = LossConfig(entropy_coef=0.1, aggregation="seq_mean", entropy_aggregation="token_mean")
+    base, _, _, _ = loss_and_grads("ppo_clip", inputs(d), LossConfig(aggregation="seq_mean"))
+    loss, _, _, g_ent = loss_and_grads("ppo_clip", inputs(d), cfg)
+    ent_mean = ref_aggregate(d["entropy"], d["mask"], "token_mean", None)
+    assert base - loss == pytest.approx(0.1 * ent_mean, abs=tol["float32"])
+    want = -0.1 * token_weights(d["mask"], "token_mean", None)
+    np.testing.assert_allclose(np.asarray(g_ent), want, atol=1e-7)
 
 
 def test_k3_gradient_vanishes_at_reference() -> None:
@@ -342,6 +420,10 @@ def test_loss_config_validation() -> None:
         LossConfig(clip_low=1.0)
     with pytest.raises(ValueError, match="dual_clip"):
         LossConfig(dual_clip=0.5)
+    with pytest.raises(ValueError, match="seq_denominator"):
+        LossConfig(seq_denominator="some")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="entropy_aggregation"):
+        LossConfig(entropy_aggregation="seq")  # type: ignore[arg-type]
 
 
 def test_shape_checks() -> None:

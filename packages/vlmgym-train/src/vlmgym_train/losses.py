@@ -6,10 +6,12 @@
 hashable dataclass: pass it as a static argument under jit) holds the clip range, the
 aggregation over tokens, and the KL and entropy coefficients. Every loss is
 
-    loss = agg(pg[b, t]) + kl_coef * agg(kl[b, t]) - entropy_coef * agg(H[b, t])
+    loss = agg(pg[b, t]) + kl_coef * agg(w[b, t] kl[b, t]) - entropy_coef * agg'(H[b, t])
 
 over the completion tokens (`mask`), where `pg` is the loss's policy-gradient term, `kl` the
-chosen estimator of KL(pi_theta || pi_ref) and `H` the token entropy (when given).
+chosen estimator of KL(pi_theta || pi_ref), `w` 1 or the loss's importance ratio
+(`kl_ratio`), and `H` the token entropy (when given); agg' is `agg` or a token mean
+(`entropy_aggregation`).
 
 Registered: `ppo_clip` (GRPO, DAPO, Dr. GRPO), `gspo` (sequence-level ratio), `reinforce`
 (no ratio). Pick one with `get_loss(name)`; add one with `@register_loss("name")`.
@@ -21,6 +23,14 @@ Recipes:
 - Dr. GRPO: `dr_grpo` advantages, `ppo_clip`, aggregation="constant", max_tokens=the
   generation budget.
 - GSPO: `grpo` advantages, `gspo`, aggregation="seq_mean", clip_low=3e-4, clip_high=4e-4.
+- LUSPO: as GSPO with aggregation="seq_sum", seq_denominator="all".
+
+TRL's GRPOTrainer (1.16) is reproduced exactly: loss_type grpo = seq_mean with
+seq_denominator="all", bnpo = token_mean, dapo = token_mean with `LossInputs.num_tokens`,
+dr_grpo = constant, luspo = as above; importance_sampling_level="sequence" = `gspo`; delta =
+dual_clip; use_bias_correction_kl = kl_ratio; its entropy bonus = entropy_aggregation
+="token_mean". verl's loss_agg_mode token-mean, seq-mean-token-mean, seq-mean-token-sum,
+seq-mean-token-sum-norm = token_mean, seq_mean, seq_sum, token_sum_norm.
 
 Tokens outside `mask` never reach the loss or its gradient: every per-token quantity goes
 through `jnp.where(mask, x, 0)` before any exp, so their gradient is exactly zero even when
@@ -39,9 +49,12 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-Aggregation = Literal["token_mean", "seq_mean", "constant"]
+Aggregation = Literal["token_mean", "seq_mean", "seq_sum", "constant", "token_sum_norm"]
+SeqDenominator = Literal["nonempty", "all"]
 KLEstimator = Literal["k1", "k2", "k3"]
-AGGREGATIONS: tuple[str, ...] = ("token_mean", "seq_mean", "constant")
+AGGREGATIONS: tuple[str, ...] = ("token_mean", "seq_mean", "seq_sum", "constant", "token_sum_norm")
+SEQ_DENOMINATORS: tuple[str, ...] = ("nonempty", "all")
+ENTROPY_AGGREGATIONS: tuple[str, ...] = ("loss", "token_mean")
 KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
 
 
@@ -60,6 +73,11 @@ class LossInputs:
                              `kl_coef > 0`.
     entropy: float[B, T]     token entropy of pi_theta (differentiable); needed when
                              `entropy_coef > 0`, reported as a metric when given.
+    num_tokens: float[]      the denominator of "token_mean" when the batch is a minibatch
+                             of a larger generation batch: (completion tokens of the whole
+                             generation batch) / (number of minibatches), so that every token
+                             of the generation batch weighs the same in every update (TRL's
+                             "dapo"). None: this batch's own token count, sum(mask).
     """
 
     logp: jax.Array
@@ -68,6 +86,7 @@ class LossInputs:
     advantages: jax.Array
     ref_logp: jax.Array | None = None
     entropy: jax.Array | None = None
+    num_tokens: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,28 +97,45 @@ class LossConfig:
         0.2 for both; DAPO's clip-higher raises clip_high to 0.28; GSPO's sequence ratios
         need far smaller values (3e-4, 4e-4).
     dual_clip: optional c > 1 (dual-clip PPO): for A < 0 the token loss is capped at -c * A,
-        so a huge ratio on a bad token cannot blow up the loss.
-    aggregation: how token losses L[b, t] with mask M[b, t] become a scalar:
-        "token_mean"  sum_{b,t} M L / sum_{b,t} M                      (DAPO)
-        "seq_mean"    mean over non-empty rows b of sum_t M L / sum_t M  (GRPO, GSPO)
-        "constant"    sum_{b,t} M L / (B * max_tokens)                 (Dr. GRPO)
-    max_tokens: the constant of "constant" (the generation budget); defaults to T.
+        so a huge ratio on a bad token cannot blow up the loss. verl's clip_ratio_c (on there
+        by default at 3); equal to TRL's two-sided `delta` when c >= 1 + clip_high.
+    aggregation: how token losses L[b, t] with mask M[b, t] become a scalar (see `aggregate`):
+        "token_mean"      sum_{b,t} M L / sum_{b,t} M                   (DAPO, TRL bnpo/dapo)
+        "seq_mean"        mean over rows b of sum_t M L / sum_t M      (GRPO, GSPO)
+        "seq_sum"         mean over rows b of sum_t M L                (LUSPO)
+        "constant"        sum_{b,t} M L / (B * max_tokens)             (Dr. GRPO)
+        "token_sum_norm"  sum_{b,t} M L / max_tokens                   (verl's Dr. GRPO)
+    seq_denominator: the rows "seq_mean" and "seq_sum" average over: "nonempty" (default;
+        rows with no completion token, e.g. masked truncations, drop out and the rest weigh
+        more; verl) or "all" (every row counts, empty ones as 0; TRL).
+    max_tokens: the constant of "constant" and "token_sum_norm" (the generation budget);
+        defaults to T.
     kl_coef: weight of the KL(pi_theta || pi_ref) penalty added to the loss (0 disables it).
     kl_estimator: per-token estimate of the KL, with d = ref_logp - logp:
         "k1"  -d                    unbiased, can be negative
         "k2"  d^2 / 2               biased, low variance
         "k3"  exp(d) - d - 1        unbiased, non-negative (Schulman's k3; GRPO's choice)
+    kl_ratio: multiply each token's KL estimate by the loss's importance ratio pi_theta /
+        pi_old (the token ratio; `gspo`: the sequence ratio), gradient included. The samples
+        come from pi_old, so this makes the estimate unbiased for KL(pi_theta || pi_ref) off
+        policy (DeepSeek-V3.2; TRL's use_bias_correction_kl). Off by default.
     entropy_coef: weight of the entropy bonus (subtracted from the loss).
+    entropy_aggregation: "loss" (default; the entropy goes through `aggregation` like the
+        other terms, as in verl) or "token_mean" (the mean token entropy of the batch,
+        whatever the aggregation, as in TRL).
     """
 
     clip_low: float = 0.2
     clip_high: float = 0.2
     dual_clip: float | None = None
     aggregation: Aggregation = "token_mean"
+    seq_denominator: SeqDenominator = "nonempty"
     max_tokens: int | None = None
     kl_coef: float = 0.0
     kl_estimator: KLEstimator = "k3"
+    kl_ratio: bool = False
     entropy_coef: float = 0.0
+    entropy_aggregation: Literal["loss", "token_mean"] = "loss"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.clip_low < 1.0:
@@ -110,6 +146,15 @@ class LossConfig:
             raise ValueError(f"dual_clip must be > 1 when set, got {self.dual_clip}")
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if self.seq_denominator not in SEQ_DENOMINATORS:
+            raise ValueError(
+                f"seq_denominator must be one of {SEQ_DENOMINATORS}, got {self.seq_denominator!r}"
+            )
+        if self.entropy_aggregation not in ENTROPY_AGGREGATIONS:
+            raise ValueError(
+                f"entropy_aggregation must be one of {ENTROPY_AGGREGATIONS}, "
+                f"got {self.entropy_aggregation!r}"
+            )
         if self.max_tokens is not None and self.max_tokens <= 0:
             raise ValueError(f"max_tokens must be positive, got {self.max_tokens}")
         if self.kl_estimator not in KL_ESTIMATORS:
@@ -157,28 +202,49 @@ def get_loss(name: str) -> LossFn:
 
 
 def aggregate(
-    values: jax.Array, mask: jax.Array, mode: Aggregation, *, max_tokens: int | None = None
+    values: jax.Array,
+    mask: jax.Array,
+    mode: Aggregation,
+    *,
+    max_tokens: int | None = None,
+    seq_denominator: SeqDenominator = "nonempty",
+    num_tokens: jax.Array | float | None = None,
 ) -> jax.Array:
     """Reduce token values float[B, T] to a scalar over `mask` (see `LossConfig.aggregation`).
 
-        token_mean = sum_{b,t} M v / max(sum_{b,t} M, 1)
-        seq_mean   = sum_b [sum_t M v / sum_t M] / max(#{b : sum_t M > 0}, 1)
-        constant   = sum_{b,t} M v / (B * max_tokens)        (max_tokens defaults to T)
+        token_mean     = sum_{b,t} M v / max(N, 1),   N = num_tokens or sum_{b,t} M
+        seq_mean       = sum_b [sum_t M v / max(sum_t M, 1)] / max(R, 1)
+        seq_sum        = sum_b [sum_t M v] / max(R, 1)
+        constant       = sum_{b,t} M v / (B * max_tokens)        (max_tokens defaults to T)
+        token_sum_norm = sum_{b,t} M v / max_tokens
 
-    Rows with an empty mask (dropped groups, truncated completions, batch padding) add
-    nothing and do not count as sequences in `seq_mean`; they do count in `constant`'s B.
+    R is the number of rows with a completion token (seq_denominator="nonempty") or B
+    ("all"). Rows with an empty mask (dropped groups, masked truncations, batch padding)
+    add nothing; they count in R only with "all", and always in `constant`'s B.
     """
     m = mask.astype(jnp.float32)
     v = jnp.where(m > 0, values, 0.0) * m  # [B, T]
+    B, T = values.shape
+    budget = max_tokens if max_tokens is not None else T
     if mode == "token_mean":
-        return v.sum() / jnp.maximum(m.sum(), 1.0)
-    if mode == "seq_mean":
+        count = m.sum() if num_tokens is None else jnp.asarray(num_tokens, jnp.float32)
+        return v.sum() / jnp.maximum(count, 1.0)
+    if mode in ("seq_mean", "seq_sum"):
         lengths = m.sum(axis=1)  # [B]
-        per_seq = v.sum(axis=1) / jnp.maximum(lengths, 1.0)  # [B]
-        return per_seq.sum() / jnp.maximum((lengths > 0).sum(), 1)
+        per_seq = v.sum(axis=1)  # [B]
+        if mode == "seq_mean":
+            per_seq = per_seq / jnp.maximum(lengths, 1.0)  # [B]
+        if seq_denominator == "all":
+            return per_seq.sum() / max(B, 1)
+        if seq_denominator == "nonempty":
+            return per_seq.sum() / jnp.maximum((lengths > 0).sum(), 1)
+        raise ValueError(
+            f"seq_denominator must be one of {SEQ_DENOMINATORS}, got {seq_denominator!r}"
+        )
     if mode == "constant":
-        B, T = values.shape
-        return v.sum() / (B * (max_tokens if max_tokens is not None else T))
+        return v.sum() / (B * budget)
+    if mode == "token_sum_norm":
+        return v.sum() / budget
     raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {mode!r}")
 
 
@@ -223,10 +289,20 @@ def _finish(
     batch: LossInputs,
     config: LossConfig,
     metrics: dict[str, jax.Array],
+    kl_weight: jax.Array,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Add the KL and entropy terms to the policy-gradient token loss `pg`, and the metrics."""
+    """Add the KL and entropy terms to the policy-gradient token loss `pg`, and the metrics.
+
+    kl_weight: float[B, T] or float[B, 1], the loss's differentiable importance ratio; the
+    KL estimate is multiplied by it when `config.kl_ratio`.
+    """
     m = batch.mask > 0
-    agg = dict(mode=config.aggregation, max_tokens=config.max_tokens)
+    agg = dict(
+        mode=config.aggregation,
+        max_tokens=config.max_tokens,
+        seq_denominator=config.seq_denominator,
+        num_tokens=batch.num_tokens,
+    )
     pg_loss = aggregate(pg, batch.mask, **agg)
     loss = pg_loss
     metrics = dict(metrics)
@@ -235,8 +311,10 @@ def _finish(
         d_logp = jnp.where(m, batch.logp, 0.0)
         d_ref = jnp.where(m, batch.ref_logp, 0.0)
         kl = kl_penalty(d_logp, d_ref, config.kl_estimator)  # [B, T]
-        kl_loss = aggregate(kl, batch.mask, **agg)
         metrics["kl/ref"] = masked_mean(kl, batch.mask)
+        if config.kl_ratio:
+            kl = kl * kl_weight  # [B, T]
+        kl_loss = aggregate(kl, batch.mask, **agg)
         if config.kl_coef > 0:
             loss = loss + config.kl_coef * kl_loss
             metrics["loss/kl"] = kl_loss
@@ -244,7 +322,10 @@ def _finish(
         raise ValueError("kl_coef > 0 needs LossInputs.ref_logp (the reference log-probs)")
     if batch.entropy is not None:
         ent = jnp.where(m, batch.entropy, 0.0)
-        ent_agg = aggregate(ent, batch.mask, **agg)
+        if config.entropy_aggregation == "token_mean":
+            ent_agg = masked_mean(ent, batch.mask)
+        else:
+            ent_agg = aggregate(ent, batch.mask, **agg)
         metrics["entropy"] = masked_mean(ent, batch.mask)
         if config.entropy_coef > 0:
             loss = loss - config.entropy_coef * ent_agg
@@ -291,7 +372,8 @@ def ppo_clip(batch: LossInputs, config: LossConfig) -> tuple[jax.Array, dict[str
         r[b, t]  = exp(logp[b, t] - old_logp[b, t])
         pg[b, t] = -min(r A[b], clip(r, 1 - clip_low, 1 + clip_high) A[b])
                    (dual clip: for A[b] < 0, pg = min(pg, -dual_clip * A[b]))
-        loss     = agg(pg) + kl_coef * agg(kl) - entropy_coef * agg(H)
+        loss     = agg(pg) + kl_coef * agg(w kl) - entropy_coef * agg'(H)
+                   (w = r when kl_ratio, else 1)
 
     The gradient of a token is zero when its ratio is clipped on the side the advantage
     pushes toward: r > 1 + clip_high with A > 0, or r < 1 - clip_low with A < 0.
@@ -307,7 +389,7 @@ def ppo_clip(batch: LossInputs, config: LossConfig) -> tuple[jax.Array, dict[str
     adv = batch.advantages.astype(jnp.float32)[:, None]  # [B, 1]
     pg = _clipped_objective(ratio, adv, config)  # [B, T]
     metrics = _clip_fractions(ratio, adv, batch.mask, config)
-    return _finish(pg, log_ratio, batch, config, metrics)
+    return _finish(pg, log_ratio, batch, config, metrics, kl_weight=ratio)
 
 
 @register_loss("gspo")
@@ -321,7 +403,11 @@ def gspo(batch: LossInputs, config: LossConfig) -> tuple[jax.Array, dict[str, ja
     sg is stop-gradient. Each token's gradient is -s[b] A[b] grad logp[b, t] (times the
     aggregation weight) when s[b] is unclipped, and zero for the whole sequence when it is
     clipped. With aggregation="seq_mean" this is exactly the paper's sequence objective
-    (1/B) sum_b min(s[b] A[b], clip(s[b]) A[b]); use clip ranges around 3e-4 / 4e-4.
+    (1/B) sum_b min(s[b] A[b], clip(s[b]) A[b]); use clip ranges around 3e-4 / 4e-4. Every
+    aggregation weighs the tokens of a row equally, so loss and gradient equal those of the
+    sequence form -min(s[b] A[b], clip(s[b]) A[b]) broadcast over the row's tokens (TRL's
+    importance_sampling_level="sequence") under any aggregation. With kl_ratio the KL is
+    weighted by s[b] itself, gradient through the mean log-ratio included (as TRL does).
 
     Metrics: as `ppo_clip`; clip fractions count tokens of clipped sequences, ratio/mean is
     the token ratio, and ratio/seq_mean the mean of s[b] over non-empty sequences.
@@ -340,7 +426,7 @@ def gspo(batch: LossInputs, config: LossConfig) -> tuple[jax.Array, dict[str, ja
     metrics["ratio/seq_mean"] = jnp.where(lengths > 0, seq_ratio, 0.0).sum() / jnp.maximum(
         (lengths > 0).sum(), 1
     )
-    return _finish(pg, log_ratio, batch, config, metrics)
+    return _finish(pg, log_ratio, batch, config, metrics, kl_weight=seq_ratio[:, None])
 
 
 @register_loss("reinforce")
@@ -348,7 +434,8 @@ def reinforce(batch: LossInputs, config: LossConfig) -> tuple[jax.Array, dict[st
     """REINFORCE / vanilla policy gradient: no ratio, no clipping (on-policy only).
 
         pg[b, t] = -A[b] * logp[b, t]
-        loss     = agg(pg) + kl_coef * agg(kl) - entropy_coef * agg(H)
+        loss     = agg(pg) + kl_coef * agg(w kl) - entropy_coef * agg'(H)
+                   (w = exp(logp - old_logp) when kl_ratio, else 1)
 
     On-policy (logp == old_logp) its gradient equals `ppo_clip`'s. `old_logp` is used only
     for the ratio/mean and kl/behaviour metrics; clip_low, clip_high, dual_clip are ignored.
@@ -358,7 +445,7 @@ def reinforce(batch: LossInputs, config: LossConfig) -> tuple[jax.Array, dict[st
     log_ratio = jnp.where(m, batch.logp - batch.old_logp, 0.0)  # [B, T]
     adv = batch.advantages.astype(jnp.float32)[:, None]  # [B, 1]
     pg = -adv * jnp.where(m, batch.logp, 0.0)  # [B, T]
-    return _finish(pg, log_ratio, batch, config, {})
+    return _finish(pg, log_ratio, batch, config, {}, kl_weight=jnp.exp(log_ratio))
 
 
 # ----------------------------------------------------------------------------- masks, shaping
