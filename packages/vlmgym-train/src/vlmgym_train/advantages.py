@@ -9,7 +9,11 @@ group-major (`adv.reshape(-1)`: sample j of group g lands at index g * n + j) to
 per-sequence `advantages: float[B]` that `vlmgym_train.losses` takes.
 
 Registered: `grpo`, `dr_grpo`, `rloo`, `reinforce`, `reinforce_plus_plus`. Register your own
-with `@register_advantage("name")`; the trainer picks one with `get_advantage(name)`.
+with `@register_advantage("name")`; the trainer picks one with `get_advantage(name)` and passes
+`ddof` and `scale` only to estimators whose signature names them.
+
+Every estimator that subtracts a mean gives exactly 0 to a group (or batch) of equal rewards:
+the mean is taken of differences to one member, which are exactly 0 there (see `_centre`).
 
 `dynamic_sampling_mask` marks the groups that carry a learning signal (DAPO's dynamic
 sampling keeps only those and refills the batch).
@@ -70,22 +74,59 @@ def _as_groups(rewards: ArrayLike) -> jax.Array:
     return r
 
 
+def _centre(r: jax.Array, axis: int | None) -> jax.Array:
+    """r - mean(r) along `axis`, exactly 0 wherever the values along `axis` are all equal.
+
+        c = d - mean(d),   d = r - r[first]      (mathematically r - mean(r))
+
+    A float32 mean of equal values need not equal them (mean([0.1] * 3) != 0.1), so
+    `r - r.mean()` can leave a rounding residue that the std division then blows up to
+    ~1e-2. Subtracting one member first makes every d exactly 0 in an all-equal group
+    (x - x == 0 in IEEE arithmetic), so their mean and c are exactly 0 too.
+    """
+    first = r[:, :1] if axis == 1 else r.reshape(-1)[0]
+    d = r - first  # [G, n]
+    return d - d.mean(axis=axis, keepdims=axis is not None)
+
+
+def _std(c: jax.Array, axis: int | None, ddof: int) -> jax.Array:
+    """std of centred values c: sqrt(sum c^2 / (count - ddof)); exactly 0 when all c are 0."""
+    count = c.size if axis is None else c.shape[axis]
+    if count - ddof < 1:
+        raise ValueError(f"the std over {count} rewards needs more than ddof={ddof} of them")
+    return jnp.sqrt((c * c).sum(axis=axis, keepdims=axis is not None) / (count - ddof))
+
+
+SCALES: tuple[str, ...] = ("group", "batch", "none")
+
+
 @register_advantage("grpo")
-def grpo(rewards: ArrayLike, *, eps: float = 1e-6, ddof: int = 0) -> jax.Array:
-    """GRPO (Shao et al. 2024): rewards normalised within each group.
+def grpo(
+    rewards: ArrayLike, *, eps: float = 1e-6, ddof: int = 0, scale: str = "group"
+) -> jax.Array:
+    """GRPO (Shao et al. 2024): rewards centred within each group, optionally scaled.
 
-        A[g, i] = (r[g, i] - mean_j r[g, j]) / (std_j r[g, j] + eps)
+        c[g, i] = r[g, i] - mean_j r[g, j]
+        A[g, i] = c[g, i] / (std_j r[g, j] + eps)            scale="group" (GRPO)
+                = c[g, i] / (std_{g', j} r[g', j] + eps)     scale="batch" (Lite PPO)
+                = c[g, i]                                    scale="none"  (Dr. GRPO)
 
-    `std` is the population std (`ddof=0`); `ddof=1` gives the unbiased std that TRL and
-    verl use (torch's default), which needs n >= 2. A group whose rewards are all equal gets
-    A = 0.
+    `ddof` picks the std: 0 the population std (our default), 1 the unbiased std that TRL
+    and verl use (torch's default; needs n >= 2). TRL's `scale_rewards` has these three
+    meanings; it adds eps=1e-4, verl eps=1e-6. A group whose rewards are all equal gets
+    A = 0 exactly, whatever the values and the scale (see `_centre`).
 
     rewards: float[G, n] -> float[G, n]
     """
     r = _as_groups(rewards)
-    mean = r.mean(axis=1, keepdims=True)  # [G, 1]
-    std = r.std(axis=1, keepdims=True, ddof=ddof)  # [G, 1]
-    return (r - mean) / (std + eps)
+    c = _centre(r, axis=1)  # [G, n]
+    if scale == "group":
+        return c / (_std(c, 1, ddof) + eps)
+    if scale == "batch":
+        return c / (_std(_centre(r, axis=None), None, ddof) + eps)
+    if scale == "none":
+        return c
+    raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
 
 
 @register_advantage("dr_grpo")
@@ -95,13 +136,13 @@ def dr_grpo(rewards: ArrayLike, *, eps: float = 1e-6) -> jax.Array:
         A[g, i] = r[g, i] - mean_j r[g, j]
 
     Dividing by the group std up-weights groups that are nearly all right or all wrong; Dr.
-    GRPO drops it (and pairs it with the "constant" loss aggregation). `eps` is unused.
+    GRPO drops it (and pairs it with the "constant" loss aggregation). The same as `grpo`
+    with scale="none"; `eps` is unused. All-equal groups get exactly 0.
 
     rewards: float[G, n] -> float[G, n]
     """
     del eps
-    r = _as_groups(rewards)
-    return r - r.mean(axis=1, keepdims=True)
+    return _centre(_as_groups(rewards), axis=1)
 
 
 @register_advantage("rloo")
@@ -112,7 +153,7 @@ def rloo(rewards: ArrayLike, *, eps: float = 1e-6) -> jax.Array:
                 = n/(n-1) * (r[g, i] - mean_j r[g, j])
 
     The baseline does not depend on sample i, so the estimate stays unbiased. Needs n >= 2.
-    `eps` is unused.
+    Computed as the second form, so all-equal groups get exactly 0. `eps` is unused.
 
     rewards: float[G, n] -> float[G, n]
     """
@@ -121,8 +162,7 @@ def rloo(rewards: ArrayLike, *, eps: float = 1e-6) -> jax.Array:
     n = r.shape[1]
     if n < 2:
         raise ValueError(f"rloo needs at least 2 samples per group, got n={n}")
-    others = (r.sum(axis=1, keepdims=True) - r) / (n - 1)  # [G, n]
-    return r - others
+    return _centre(r, axis=1) * (n / (n - 1))
 
 
 @register_advantage("reinforce")
@@ -132,18 +172,18 @@ def reinforce(rewards: ArrayLike, *, eps: float = 1e-6, baseline: bool = True) -
         A[g, i] = r[g, i] - mean_{g', j} r[g', j]      (baseline=True)
         A[g, i] = r[g, i]                               (baseline=False)
 
-    `eps` is unused.
+    A batch of equal rewards gets exactly 0. `eps` is unused.
 
     rewards: float[G, n] -> float[G, n]
     """
     del eps
     r = _as_groups(rewards)
-    return r - r.mean() if baseline else r
+    return _centre(r, axis=None) if baseline else r
 
 
 @register_advantage("reinforce_plus_plus")
 def reinforce_plus_plus(
-    rewards: ArrayLike, *, eps: float = 1e-6, group_baseline: bool = False
+    rewards: ArrayLike, *, eps: float = 1e-6, ddof: int = 0, group_baseline: bool = False
 ) -> jax.Array:
     """REINFORCE++ (Hu 2025): rewards whitened over the whole batch.
 
@@ -154,13 +194,17 @@ def reinforce_plus_plus(
 
         c[g, i] = r[g, i] - mean_j r[g, j];   A[g, i] = c[g, i] / (std_{g', j} c[g', j] + eps)
 
+    `ddof` as in `grpo`. Equal rewards (in the batch, or in a group with the baseline) get
+    exactly 0.
+
     rewards: float[G, n] -> float[G, n]
     """
     r = _as_groups(rewards)
     if group_baseline:
-        c = r - r.mean(axis=1, keepdims=True)
-        return c / (c.std() + eps)
-    return (r - r.mean()) / (r.std() + eps)
+        c = _centre(r, axis=1)  # [G, n]
+        return c / (_std(c - c.mean(), None, ddof) + eps)
+    c = _centre(r, axis=None)  # [G, n]
+    return c / (_std(c, None, ddof) + eps)
 
 
 def dynamic_sampling_mask(rewards: ArrayLike, *, atol: float = 0.0) -> jax.Array:

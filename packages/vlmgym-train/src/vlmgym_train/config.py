@@ -8,11 +8,12 @@ The original project's flag spellings stay valid (`--model_dir --env_name --grou
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 from typing import Any, Literal
 
 from vlmgym_train.advantages import ADVANTAGES
-from vlmgym_train.losses import LOSSES
+from vlmgym_train.losses import AGGREGATIONS, LOSSES
 
 
 def _f(default: Any, help: str) -> Any:
@@ -49,15 +50,41 @@ class TrainConfig:
     vlm_max_pixels: int | None = _f(None, "image pixel budget (default: preprocessor config)")
     # --- objective
     advantage: str = _f("grpo", f"advantage estimator: {sorted(ADVANTAGES)}")
+    scale_rewards: Literal["group", "batch", "none"] = _f(
+        "group",
+        "grpo: divide centred rewards by the group's std, the batch's std, or nothing (TRL's "
+        "scale_rewards)",
+    )
+    std_ddof: int = _f(0, "reward std: 0 population, 1 unbiased (TRL, verl)")
+    std_eps: float = _f(1e-6, "added to the reward std before dividing (TRL 1e-4, verl 1e-6)")
     loss: str = _f("ppo_clip", f"policy loss: {sorted(LOSSES)}")
-    aggregation: Literal["token_mean", "seq_mean", "constant"] = _f(
-        "token_mean", "loss aggregation (constant = Dr.GRPO's fixed normaliser)"
+    aggregation: Literal["token_mean", "seq_mean", "seq_sum", "constant", "token_sum_norm"] = _f(
+        "token_mean",
+        "token losses -> scalar: token_mean (DAPO), seq_mean (GRPO), seq_sum (LUSPO), constant "
+        "(Dr.GRPO: / (rows * max tokens)), token_sum_norm (verl: / max tokens)",
+    )
+    seq_denominator: Literal["nonempty", "all"] = _f(
+        "nonempty", "rows seq_mean/seq_sum average over: non-empty ones (verl) or all (TRL)"
+    )
+    token_normaliser: Literal["minibatch", "batch"] = _f(
+        "minibatch",
+        "token_mean's denominator: the minibatch's tokens, or the step's tokens / minibatches "
+        "(TRL's dapo)",
     )
     clip_low: float = _f(0.2, "PPO clip below 1")
     clip_high: float = _f(0.28, "PPO clip above 1 (DAPO clip-higher; = clip_low for GRPO)")
+    dual_clip: float | None = _f(
+        None, "cap on the ratio for A < 0 (dual-clip PPO; verl clip_ratio_c, TRL delta)"
+    )
     kl_coef: float = _f(0.0, "KL penalty to the frozen initial policy (0 = no reference)")
     kl_estimator: Literal["k1", "k2", "k3"] = _f("k3", "KL estimator")
+    kl_ratio: bool = _f(
+        False, "multiply the KL by the importance ratio (TRL use_bias_correction_kl)"
+    )
     entropy_coef: float = _f(0.0, "entropy bonus")
+    entropy_aggregation: Literal["loss", "token_mean"] = _f(
+        "loss", "entropy bonus aggregated like the loss (verl) or as a token mean (TRL)"
+    )
     dynamic_sampling: bool = _f(False, "drop groups whose rewards are all equal and refill")
     max_refill_rounds: int = _f(2, "extra rollout rounds to refill dropped groups")
     overlong: Literal["none", "mask", "penalty"] = _f(
@@ -133,6 +160,29 @@ class TrainConfig:
             )
         if self.advantage == "rloo" and self.group_size < 2:
             raise ValueError("--advantage rloo needs --group_size >= 2")
+        takes = inspect.signature(ADVANTAGES[self.advantage]).parameters
+        if self.scale_rewards != "group" and "scale" not in takes:
+            raise ValueError(f"--scale_rewards applies to --advantage grpo, not {self.advantage}")
+        if self.std_ddof != 0 and "ddof" not in takes:
+            raise ValueError(f"--std_ddof: --advantage {self.advantage} divides by no std")
+        if self.std_ddof not in (0, 1):
+            raise ValueError(f"--std_ddof must be 0 or 1, got {self.std_ddof}")
+        if self.std_ddof >= self.group_size and self.scale_rewards == "group" and "ddof" in takes:
+            raise ValueError("--std_ddof 1 needs --group_size >= 2")
+        if not self.std_eps >= 0:
+            raise ValueError(f"--std_eps must be >= 0, got {self.std_eps}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"--aggregation {self.aggregation!r}: choose from {AGGREGATIONS}")
+        if self.dual_clip is not None and not self.dual_clip > 1:
+            raise ValueError(f"--dual_clip must be > 1, got {self.dual_clip}")
+        for name, choices in (
+            ("scale_rewards", ("group", "batch", "none")),
+            ("seq_denominator", ("nonempty", "all")),
+            ("token_normaliser", ("minibatch", "batch")),
+            ("entropy_aggregation", ("loss", "token_mean")),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"--{name} {getattr(self, name)!r}: choose from {choices}")
         try:
             kwargs = json.loads(self.env_kwargs)
         except json.JSONDecodeError as err:
@@ -154,6 +204,13 @@ class TrainConfig:
             lr=self.lr if self.lr is not None else (2e-3 if preset else 1e-6),
             num_generation_tokens=self.num_generation_tokens or (2 if preset else 256),
         )
+
+    @property
+    def advantage_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for the advantage estimator: the std settings it takes."""
+        takes = inspect.signature(ADVANTAGES[self.advantage]).parameters
+        given = {"eps": self.std_eps, "ddof": self.std_ddof, "scale": self.scale_rewards}
+        return {k: v for k, v in given.items() if k in takes}
 
     @property
     def env_kwargs_dict(self) -> dict[str, Any]:

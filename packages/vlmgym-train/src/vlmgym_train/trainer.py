@@ -84,6 +84,7 @@ class LossArrays:
     mask: jax.Array  # float32[R, N]
     advantages: jax.Array  # float32[R]
     ref_logp: jax.Array | None  # float32[R, N]
+    num_tokens: jax.Array | None = None  # float32[]: token_mean's denominator (LossInputs)
 
 
 def train_step(
@@ -112,6 +113,7 @@ def train_step(
             advantages=arrays.advantages,
             ref_logp=arrays.ref_logp,
             entropy=entropy,
+            num_tokens=arrays.num_tokens,
         )
         return loss_fn(batch, loss_cfg)
 
@@ -241,13 +243,17 @@ class Trainer:
         self.loss_cfg = LossConfig(
             clip_low=cfg.clip_low,
             clip_high=cfg.clip_high,
+            dual_clip=cfg.dual_clip,
             aggregation=cfg.aggregation,
+            seq_denominator=cfg.seq_denominator,
             max_tokens=self.max_new_tokens,
             kl_coef=cfg.kl_coef,
             kl_estimator=cfg.kl_estimator,
+            kl_ratio=cfg.kl_ratio,
             entropy_coef=cfg.entropy_coef,
+            entropy_aggregation=cfg.entropy_aggregation,
         )
-        self.advantage_fn = get_advantage(cfg.advantage)
+        self.advantage_fn = functools.partial(get_advantage(cfg.advantage), **cfg.advantage_kwargs)
         self.checkpointer = TrainCheckpointer(
             ckpt_dir, max_to_keep=cfg.keep_checkpoints, save_interval=cfg.save_interval
         )
@@ -479,6 +485,9 @@ class Trainer:
                 mask=self._place(prepared.mask, 0),
                 advantages=self._place(prepared.row_advantages, 0),
                 ref_logp=ref_logp,
+                num_tokens=self._place(np.float32(prepared.mask.sum()))
+                if cfg.token_normaliser == "batch"
+                else None,
             )
             for _ in range(cfg.ppo_epochs):
                 self.state, m = step_fn(self.state, placed, whole)
@@ -492,6 +501,10 @@ class Trainer:
                         mask=self._place(prepared.mask[rows], 0),
                         advantages=self._place(prepared.row_advantages[rows], 0),
                         ref_logp=None if ref_host is None else self._place(ref_host[rows], 0),
+                        # --token_normaliser batch: the step's tokens / minibatches (TRL dapo).
+                        num_tokens=self._place(np.float32(prepared.mask.sum() / cfg.minibatches))
+                        if cfg.token_normaliser == "batch"
+                        else None,
                     )
                     sub = self._place_inputs(slice_rows(inputs, rows))
                     self.state, m = step_fn(self.state, sub, arrays)
