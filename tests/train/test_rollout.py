@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import vlmgym_envs
 from vlmgym_model import Processor, Sampler, SamplingParams, forward, load_model
-from vlmgym_train.policy import PolicyStatics, compute_logprobs, to_policy_inputs
+from vlmgym_train.policy import PolicyStatics, compute_logprobs, slice_rows, to_policy_inputs
 from vlmgym_train.rollout import (
     build_batch,
     image_layout_arrays,
@@ -42,12 +42,34 @@ def test_rows_reproduce_the_samplers_logprobs(setup, tol):
     assert len(batch.image_rows) == 6 * 4
     assert batch.image_grid_thw is not None and len(batch.image_grid_thw) == 2
     inputs, bounds = to_policy_inputs(batch, image_layout_arrays(config, batch.image_grid_thw))
+    # the 3 samples of each prompt share one prompt row, and only it gets the image features
+    assert inputs.prompt_ids.shape == (2, 64)
+    np.testing.assert_array_equal(inputs.row_prompt, [0, 0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(np.unique(np.asarray(inputs.image_rows)), [0, 1])
     statics = PolicyStatics(prompt_len=batch.prompt_len, logprob_chunk=5, **bounds)
     with jax.default_matmul_precision("highest"):
         logp, entropy = compute_logprobs(params, inputs, config=config, statics=statics)
     m = batch.mask.astype(bool)
     np.testing.assert_allclose(np.asarray(logp)[m], batch.old_logp[m], atol=tol["float32"])
     assert (np.asarray(entropy)[m] > 0).all()
+    # a minibatch of rows from both prompts, in another order: the same rows' log-probs,
+    # with the prompt count kept (static shapes) and its unused slot empty
+    rows = [4, 0, 2]
+    sub = slice_rows(
+        to_policy_inputs(
+            batch, image_layout_arrays(config, batch.image_grid_thw), asarray=np.asarray
+        )[0],
+        rows,
+    )
+    assert sub.prompt_ids.shape == (2, 64)
+    np.testing.assert_array_equal(sub.row_prompt, [1, 0, 0])
+    with jax.default_matmul_precision("highest"):
+        sub_logp, _ = compute_logprobs(params, sub, config=config, statics=statics)
+    np.testing.assert_allclose(
+        np.asarray(sub_logp)[m[rows]], np.asarray(logp)[rows][m[rows]], atol=tol["float32"]
+    )
+    one = slice_rows(sub, [1])  # one row: one prompt slot
+    assert one.prompt_ids.shape == (1, 64) and list(one.row_prompt) == [0]
     # and the rows agree with a plain forward over prompt + completion
     traj0 = trajs[0]
     _, obs = env.reset(traj0.task)

@@ -25,16 +25,23 @@ from vlmgym_model.qwen2_5_vl.vision import vision_tower
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class PolicyInputs:
-    """Device arrays for a batch of R rows of S = T + N tokens (see `RolloutBatch`)."""
+    """Device arrays for R completions of N tokens that continue P prompts of T tokens.
 
-    input_ids: jax.Array  # int32[R, S]
-    segment_ids: jax.Array  # int32[R, S]
-    positions: jax.Array  # int32[3, R, S]
-    targets: jax.Array  # int32[R, N]
-    image_rows: jax.Array  # int32[K]
+    Completions of the same prompt (a GRPO group) share one prompt row: the prompt's
+    tokens are run through the model once, not once per sample.
+    """
+
+    prompt_ids: jax.Array  # int32[P, T], left-padded
+    prompt_segment_ids: jax.Array  # int32[P, T], 0 on padding
+    prompt_positions: jax.Array  # int32[3, P, T]
+    targets: jax.Array  # int32[R, N]: the completion tokens (also the completions' inputs)
+    segment_ids: jax.Array  # int32[R, N]: 1 on the completion's tokens, 0 on padding
+    positions: jax.Array  # int32[3, R, N]
+    row_prompt: jax.Array  # int32[R]: the prompt row each completion continues
+    image_rows: jax.Array  # int32[K]: prompt row of each image placeholder
     image_cols: jax.Array  # int32[K]
     image_feature_index: jax.Array  # int32[K]
-    pixel_values: jax.Array | None  # float32[P, 1176]
+    pixel_values: jax.Array | None  # float32[P_patches, 1176]
     layout: dict[str, jax.Array] | None  # the vision layout's index arrays
 
 
@@ -118,21 +125,24 @@ def policy_logprobs(
         )  # [M, D]
         features = merged[batch.image_feature_index]  # [K, D]
         index = (batch.image_rows, batch.image_cols)
-    x = embed_inputs(params.text, batch.input_ids, features, index)  # [R, S, D]
-    cos, sin = mrope_cos_sin(batch.positions, config.text)
-    hidden, _ = text.decode_layers(
+    xp = embed_inputs(params.text, batch.prompt_ids, features, index)  # [P, T, D]
+    xc = text.embed_tokens(params.text, batch.targets)  # [R, N, D]
+    rope = (
+        *mrope_cos_sin(batch.prompt_positions, config.text),
+        *mrope_cos_sin(batch.positions, config.text),
+    )
+    hp, hc = text.decode_prefixed_layers(
         params.text,
-        x,
-        cos,
-        sin,
-        batch.segment_ids,
+        (xp, xc),
+        rope,
+        (batch.prompt_segment_ids, batch.segment_ids),
+        batch.row_prompt,
         config.text,
         impl=statics.impl,
         remat=statics.remat,
-    )  # [R, S, D]
-    T = statics.prompt_len
-    N = batch.targets.shape[1]
-    h = hidden[:, T - 1 : T - 1 + N]  # [R, N, D]: position i predicts token i + 1
+    )  # [P, T, D], [R, N, D]
+    # Position i predicts token i + 1: the prompt's last position predicts the first target.
+    h = jnp.concatenate([hp[batch.row_prompt, -1:], hc[:, :-1]], axis=1)  # [R, N, D]
     return token_logprobs(
         h, text.output_projection(params.text), batch.targets, statics.logprob_chunk
     )
@@ -151,24 +161,66 @@ def compute_logprobs(
 
 
 def to_policy_inputs(
-    batch: Any, layout: dict[str, Any], asarray: Callable[[Any], Any] = jnp.asarray
+    batch: Any,
+    layout: dict[str, Any],
+    asarray: Callable[[Any], Any] = jnp.asarray,
+    *,
+    prompt_slots: int = 1,
 ) -> tuple[PolicyInputs, dict[str, int]]:
     """Arrays from a `RolloutBatch` plus its vision layout; returns static bounds.
+
+    Rows whose prompts are identical (the samples of one group: same tokens, positions and
+    image features) share one prompt row. The prompt count is padded with empty prompts to
+    a multiple of `prompt_slots` (pass the number of groups per step so that every step
+    compiles to the same shapes).
 
     `asarray` makes each leaf: `jnp.asarray` (default device), or `np.asarray` to keep the
     batch on the host (then slice it with `slice_rows` and place it on a mesh).
     """
+    T = batch.prompt_len
+    ids, seg, pos = batch.input_ids, batch.segment_ids, batch.positions
+    R = ids.shape[0]
+    features_of_row: list[list[int]] = [[] for _ in range(R)]
+    for r, f in zip(batch.image_rows, batch.image_feature_index, strict=True):
+        features_of_row[int(r)].append(int(f))
+    first_row: dict[bytes, int] = {}
+    row_prompt = np.zeros(R, np.int32)
+    prompt_rows: list[int] = []
+    for r in range(R):
+        key = b"".join(
+            (
+                ids[r, :T].tobytes(),
+                seg[r, :T].tobytes(),
+                pos[:, r, :T].tobytes(),
+                np.asarray(features_of_row[r], np.int64).tobytes(),
+            )
+        )
+        if key not in first_row:
+            first_row[key] = len(prompt_rows)
+            prompt_rows.append(r)
+        row_prompt[r] = first_row[key]
+    P = -(-len(prompt_rows) // max(1, prompt_slots)) * max(1, prompt_slots)
+    rows = np.asarray(prompt_rows + [prompt_rows[0]] * (P - len(prompt_rows)), np.int64)
+    prompt_seg = seg[rows, :T].copy()
+    prompt_seg[len(prompt_rows) :] = 0  # padding prompts: no token attends anything
+    # Only the placeholders of the rows kept as prompts receive image features.
+    is_prompt_row = np.full(R, -1, np.int32)
+    is_prompt_row[prompt_rows] = np.arange(len(prompt_rows), dtype=np.int32)
+    keep = is_prompt_row[batch.image_rows] >= 0
     arrays = {
         k: asarray(v) for k, v in layout.items() if k not in ("max_window_len", "max_image_len")
     }
     inputs = PolicyInputs(
-        input_ids=asarray(batch.input_ids),
-        segment_ids=asarray(batch.segment_ids),
-        positions=asarray(batch.positions),
+        prompt_ids=asarray(ids[rows, :T]),
+        prompt_segment_ids=asarray(prompt_seg),
+        prompt_positions=asarray(pos[:, rows, :T]),
         targets=asarray(batch.targets),
-        image_rows=asarray(batch.image_rows),
-        image_cols=asarray(batch.image_cols),
-        image_feature_index=asarray(batch.image_feature_index),
+        segment_ids=asarray(seg[:, T:]),
+        positions=asarray(pos[:, :, T:]),
+        row_prompt=asarray(row_prompt),
+        image_rows=asarray(is_prompt_row[batch.image_rows[keep]]),
+        image_cols=asarray(batch.image_cols[keep]),
+        image_feature_index=asarray(batch.image_feature_index[keep]),
         pixel_values=None if batch.pixel_values is None else asarray(batch.pixel_values),
         layout=arrays or None,
     )
@@ -180,22 +232,34 @@ def to_policy_inputs(
 
 
 def slice_rows(inputs: PolicyInputs, rows: Any) -> PolicyInputs:
-    """The same batch restricted to some rows (images and their scatter indices follow).
+    """The same batch restricted to some completion rows, with the prompts they continue.
 
-    Works on host (numpy) or fully addressable device inputs; the scatter indices come back
-    as numpy arrays.
+    The prompt count stays as it was, or shrinks to len(rows) when that is smaller (both
+    are the same for every minibatch of a step, so the shapes are static); unused slots
+    hold empty prompts. Images stay whole; their scatter indices follow the prompts.
+    Works on host (numpy) or fully addressable device inputs; index arrays come back as
+    numpy arrays.
     """
     rows = np.asarray(rows)
+    row_prompt = np.asarray(inputs.row_prompt)[rows]
+    used = np.unique(row_prompt)  # sorted prompt indices
+    P = min(int(np.shape(inputs.prompt_ids)[0]), len(rows))
+    remap = np.full(int(np.shape(inputs.prompt_ids)[0]), -1, np.int32)
+    remap[used] = np.arange(len(used), dtype=np.int32)
+    take = np.concatenate([used, np.full(P - len(used), used[0])]).astype(np.int64)
+    prompt_seg = np.array(inputs.prompt_segment_ids)[take]
+    prompt_seg[len(used) :] = 0
     image_rows = np.asarray(inputs.image_rows)
-    keep = np.isin(image_rows, rows)
-    remap = np.full(int(np.shape(inputs.input_ids)[0]), -1, np.int32)
-    remap[rows] = np.arange(len(rows), dtype=np.int32)
+    keep = remap[image_rows] >= 0
     return dataclasses.replace(
         inputs,
-        input_ids=inputs.input_ids[rows],
+        prompt_ids=np.asarray(inputs.prompt_ids)[take],
+        prompt_segment_ids=prompt_seg,
+        prompt_positions=np.asarray(inputs.prompt_positions)[:, take],
+        targets=inputs.targets[rows],
         segment_ids=inputs.segment_ids[rows],
         positions=inputs.positions[:, rows],
-        targets=inputs.targets[rows],
+        row_prompt=remap[row_prompt],
         image_rows=remap[image_rows[keep]],
         image_cols=np.asarray(inputs.image_cols)[keep],
         image_feature_index=np.asarray(inputs.image_feature_index)[keep],

@@ -325,10 +325,13 @@ class Trainer:
     def _place_inputs(self, inputs: PolicyInputs) -> PolicyInputs:
         p = self._place
         return PolicyInputs(
-            input_ids=p(inputs.input_ids, 0),
+            prompt_ids=p(inputs.prompt_ids, 0),
+            prompt_segment_ids=p(inputs.prompt_segment_ids, 0),
+            prompt_positions=p(inputs.prompt_positions, 1),
+            targets=p(inputs.targets, 0),
             segment_ids=p(inputs.segment_ids, 0),
             positions=p(inputs.positions, 1),
-            targets=p(inputs.targets, 0),
+            row_prompt=p(inputs.row_prompt, 0),
             image_rows=p(inputs.image_rows),
             image_cols=p(inputs.image_cols),
             image_feature_index=p(inputs.image_feature_index),
@@ -453,7 +456,9 @@ class Trainer:
         batch = prepared.batch
         t1 = time.perf_counter()
         layout = image_layout_arrays(self.config, batch.image_grid_thw)
-        inputs, bounds = to_policy_inputs(batch, layout, asarray=np.asarray)
+        inputs, bounds = to_policy_inputs(
+            batch, layout, asarray=np.asarray, prompt_slots=cfg.groups_per_batch
+        )
         statics = PolicyStatics(
             prompt_len=batch.prompt_len,
             impl=cfg.attention_impl,

@@ -12,6 +12,7 @@ What is notable here:
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -180,6 +181,84 @@ def decode_layers(
         body = jax.checkpoint(body, prevent_cse=False)
     x, kv = jax.lax.scan(body, x, weights.layers)
     return rms_norm(x, weights.norm, cfg.rms_norm_eps), kv
+
+
+def prefixed_decoder_layer(
+    layer: DecoderLayers,
+    x: tuple[jax.Array, jax.Array],
+    rope: tuple[jax.Array, jax.Array, jax.Array, jax.Array],
+    segment_ids: tuple[jax.Array, jax.Array],
+    row_prompt: jax.Array,
+    cfg: TextConfig,
+    impl: str,
+) -> tuple[jax.Array, jax.Array]:
+    """One decoder layer over prompts and the completions that continue them.
+
+    The same layer as `decoder_layer` on the rows [prompt(r) | completion r], computed
+    without repeating a prompt for each of its completions: prompts attend to themselves
+    (causal), and completion r attends to its prompt's keys and values, gathered by
+    `row_prompt[r]`, then causally to its own.
+
+    Args:
+      x: (prompts [P, T, D], completions [R, N, D]) residual streams.
+      rope: (cos, sin) of the prompts [P, T, H], then of the completions [R, N, H].
+      segment_ids: prompts int[P, T] and completions int[R, N], 0 on padding; a completion
+        token attends to prompt tokens of the same (non-zero) id.
+      row_prompt: int[R], the prompt each completion continues.
+
+    Returns:
+      The new (prompts, completions) residual streams.
+    """
+    xp, xc = x
+    cos_p, sin_p, cos_c, sin_c = rope
+    seg_p, seg_c = segment_ids
+    qp, kp, vp = attention_qkv(
+        layer, rms_norm(xp, layer.input_norm, cfg.rms_norm_eps), cos_p, sin_p
+    )
+    qc, kc, vc = attention_qkv(
+        layer, rms_norm(xc, layer.input_norm, cfg.rms_norm_eps), cos_c, sin_c
+    )
+    attn_p = vlmgym_kernels.attention(qp, kp, vp, seg_p, seg_p, causal=True, impl=impl)
+    k_all = jnp.concatenate([kp[row_prompt], kc], axis=1)  # [R, T + N, K, H]
+    v_all = jnp.concatenate([vp[row_prompt], vc], axis=1)  # [R, T + N, K, H]
+    seg_all = jnp.concatenate([seg_p[row_prompt], seg_c], axis=1)  # [R, T + N]
+    attn_c = vlmgym_kernels.attention(
+        qc, k_all, v_all, seg_c, seg_all, causal=True, impl=impl
+    )  # [R, N, N_heads, H]: query i sees the prompt and completion keys 0..i
+    xp = xp + attention_output(layer, attn_p)
+    xc = xc + attention_output(layer, attn_c)
+    xp = xp + mlp(layer, rms_norm(xp, layer.post_norm, cfg.rms_norm_eps))
+    xc = xc + mlp(layer, rms_norm(xc, layer.post_norm, cfg.rms_norm_eps))
+    return xp, xc
+
+
+def decode_prefixed_layers(
+    weights: TextWeights,
+    x: tuple[jax.Array, jax.Array],
+    rope: tuple[jax.Array, jax.Array, jax.Array, jax.Array],
+    segment_ids: tuple[jax.Array, jax.Array],
+    row_prompt: jax.Array,
+    cfg: TextConfig,
+    *,
+    impl: str = "xla",
+    remat: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """`decode_layers` for prompts shared by several completions (see
+    `prefixed_decoder_layer` for the arguments): final-normed hidden states of the prompts
+    [P, T, D] and of the completions [R, N, D].
+
+    A group of n samples of one prompt costs T + n * N tokens of work instead of
+    n * (T + N); the results equal `decode_layers` on the concatenated rows.
+    """
+
+    def body(carry: tuple[jax.Array, jax.Array], layer: DecoderLayers) -> tuple[Any, None]:
+        return prefixed_decoder_layer(layer, carry, rope, segment_ids, row_prompt, cfg, impl), None
+
+    if remat:
+        body = jax.checkpoint(body, prevent_cse=False)
+    (xp, xc), _ = jax.lax.scan(body, x, weights.layers)
+    eps = cfg.rms_norm_eps
+    return rms_norm(xp, weights.norm, eps), rms_norm(xc, weights.norm, eps)
 
 
 def output_projection(weights: TextWeights) -> jax.Array:
