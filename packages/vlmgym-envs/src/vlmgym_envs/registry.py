@@ -27,6 +27,7 @@ _FACTORIES: dict[str, EnvFactory | str] = {
     "nlvr2": "vlmgym_envs.nlvr2:NLVR2Env",
     "caption": "vlmgym_envs.caption:CaptionEnv",
     "shapes": "vlmgym_envs.shapes:ShapesEnv",
+    "wordcount": "vlmgym_envs.wordcount:WordCountEnv",
 }
 _ALIASES: dict[str, str] = {"geoguessr": "osv5m", "vision": "caption"}
 
