@@ -145,3 +145,6 @@ def test_minibatches_keep_rows_aligned_with_their_reference(tmp_path, minibatche
     assert metrics["skipped"] == 0
     assert metrics["kl/ref"] < 1e-6 and metrics["kl/behaviour"] < 1e-6, metrics
     assert abs(metrics["ratio/mean"] - 1.0) < 1e-4
+    # Minibatches of rows from any prompts, and a second step: one compiled update.
+    trainer.step(1)
+    assert [fn._cache_size() for fn in trainer._steps.values()] == [1]
