@@ -1,0 +1,219 @@
+"""A GRPO step on the real 0.5B checkpoint: the update's FLOP/s against a bare matmul.
+
+The model is the real-weights test checkpoint (Qwen2.5-Coder-0.5B-Instruct's text decoder in
+a Qwen2.5-VL checkpoint, `tests/fixtures/real_model.py`; fetched and built once). The work is
+the issue's: 4 prompts x 4 samples x 32 new tokens, text only, AdamW, fp32 params, one
+update per step; compute dtype from VLMGYM_BENCH_DTYPE (float32 by default, or bfloat16:
+bf16 matmuls with fp32 accumulation, fp32 master weights).
+
+Reported per timed step (medians over VLMGYM_BENCH_GRPO_STEPS, default 2, after one
+warm-up step that compiles):
+
+- rollout_s (sampling + rewards + batch building) and update_s (`Trainer.update`: host to
+  device, one value-and-grad, the optimizer; no reference pass at kl_coef = 0, and the
+  sampler's log-probs are the behaviour policy, so nothing is recomputed for them);
+- update_flops: what the update computes, counted from the batch's shapes. The prompt of a
+  group is run once for its samples (P prompts x T tokens, plus R completions x N tokens);
+  a row-per-sample trainer (TRL, verl) computes R x (T + N) tokens instead, reported as
+  `row_layout_flops`. Per token and layer, a weight matmul costs 2 x params forward and
+  4 x params backward; attention 4 x keys x width forward (causal: the keys each query
+  sees), twice that backward; the lm_head runs on completion tokens only, 8 x D x V each
+  (forward, a recompute in the backward pass, and two backward matmuls);
+- forward_s: a forward-only log-prob pass over the same batch (what a reference-policy
+  pass costs when kl_coef > 0; the update itself runs it inside its value-and-grad), so
+  update_s - forward_s is the backward pass plus the optimizer;
+- matmul_flops_per_s: a bare [P*T + R*N, D] x [D, F] matmul (the MLP's shape) in the same
+  dtype, timed in the same run; `update_vs_matmul` is the update's FLOP/s over it.
+
+Run: uv run pytest benchmarks/test_bench_grpo_step.py -q -s
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import vlmgym_envs
+from vlmgym_envs import Env, Observation, StepResult, user_message
+from vlmgym_train.config import TrainConfig
+from vlmgym_train.optim import cast_for_compute
+from vlmgym_train.policy import PolicyStatics, compute_logprobs, to_policy_inputs
+from vlmgym_train.rollout import image_layout_arrays
+from vlmgym_train.trainer import Trainer
+
+STEPS = int(os.environ.get("VLMGYM_BENCH_GRPO_STEPS", 2))
+DTYPE = os.environ.get("VLMGYM_BENCH_DTYPE", "float32")
+GROUPS, GROUP_SIZE, NEW_TOKENS = 4, 4, 32
+
+QUESTIONS = (
+    "What is a hash map?",
+    "Why do programs need tests?",
+    "What does a compiler do?",
+    "What is recursion?",
+    "What is a race condition?",
+    "Why is Python popular?",
+    "What is a pure function?",
+    "What is version control for?",
+)
+
+
+class WordCountEnv(Env[int]):
+    """Answer in exactly N words; reward 1 - |words - N| / max(N, words)."""
+
+    def __len__(self) -> int:
+        return len(QUESTIONS) * 4
+
+    def reset(self, idx: int) -> tuple[int, Observation]:
+        idx = self.check_index(idx)
+        n = 3 + idx % 4
+        question = QUESTIONS[idx // 4]
+        return n, Observation([user_message(f"{question} Answer in exactly {n} words.")])
+
+    def step(self, state: int, text: str) -> StepResult[int]:
+        words = len(text.split())
+        return StepResult(reward=1.0 - abs(words - state) / max(state, words, 1), done=True)
+
+
+def update_flops(config: Any, P: int, T: int, R: int, N: int, row_layout: bool) -> float:
+    """FLOPs of one value-and-grad over P prompts of T tokens continued by R completions of
+    N tokens (`row_layout`: every row recomputes its prompt, R x (T + N) tokens)."""
+    t = config.text
+    D, F, V, L = t.hidden_size, t.intermediate_size, t.vocab_size, t.num_hidden_layers
+    kv = t.num_key_value_heads * t.head_dim
+    layer_params = D * D * 2 + D * kv * 2 + 3 * D * F
+    if row_layout:
+        tokens = R * (T + N)
+        keys = R * ((T + N) * (T + N + 1) / 2)  # sum over queries of the keys each sees
+    else:
+        tokens = P * T + R * N
+        keys = P * T * (T + 1) / 2 + R * (N * T + N * (N + 1) / 2)
+    forward = L * (2 * layer_params * tokens + 4 * keys * D)
+    return 3 * forward + 8 * D * V * R * N
+
+
+def bare_matmul_flops_per_s(M: int, D: int, F: int, dtype: Any) -> float:
+    a = jnp.ones((M, D), dtype)
+    b = jnp.ones((D, F), dtype)
+    mm = jax.jit(lambda a, b: jnp.einsum("MD,DF->MF", a, b, preferred_element_type=jnp.float32))
+    mm(a, b).block_until_ready()
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        mm(a, b).block_until_ready()
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    return 2 * M * D * F / seconds
+
+
+def forward_seconds(trainer: Trainer, inputs: Any, bounds: dict[str, int], T: int) -> float:
+    """Wall time of a forward-only log-prob pass over a batch (compiled first, not timed)."""
+    statics = PolicyStatics(prompt_len=T, impl=trainer.cfg.attention_impl, **bounds)
+    params = cast_for_compute(trainer.state.params, trainer.compute_dtype)
+    placed = trainer._place_inputs(inputs)
+
+    def run() -> None:
+        jax.block_until_ready(
+            compute_logprobs(params, placed, config=trainer.config, statics=statics)
+        )
+
+    run()
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+@pytest.fixture(scope="module")
+def real_model_dir() -> str:
+    from fixtures.real_model import real_model_dirs
+
+    return str(real_model_dirs().model_dir)
+
+
+def test_bench_grpo_step_real_05b(benchmark, tmp_path, real_model_dir):
+    vlmgym_envs.register("bench-wordcount", WordCountEnv, overwrite=True)
+    trainer = Trainer(
+        TrainConfig(
+            model_dir=real_model_dir,
+            env_name="bench-wordcount",
+            groups_per_batch=GROUPS,
+            group_size=GROUP_SIZE,
+            num_generation_tokens=NEW_TOKENS,
+            lr=1e-6,
+            compute_dtype=DTYPE,
+            save_dir=str(tmp_path / "run"),
+            save_interval=10_000,
+            progress=False,
+        )
+    )
+    records: list[dict[str, float]] = []
+    step = iter(range(1 + STEPS))
+
+    def one_step() -> None:
+        i = next(step)
+        t0 = time.perf_counter()
+        prepared = trainer.prepare(i)
+        t1 = time.perf_counter()
+        metrics = trainer.update(prepared, i)
+        t2 = time.perf_counter()
+        batch = prepared.batch
+        inputs, bounds = to_policy_inputs(
+            batch,
+            image_layout_arrays(trainer.config, batch.image_grid_thw),
+            asarray=np.asarray,
+            prompt_slots=GROUPS,
+        )
+        P, T = inputs.prompt_ids.shape
+        R, N = batch.targets.shape
+        forward_s = forward_seconds(trainer, inputs, bounds, batch.prompt_len) if i else 0.0
+        records.append(
+            {
+                "rollout_s": t1 - t0,
+                "update_s": t2 - t1,
+                "forward_s": forward_s,
+                "loss": metrics["loss"],
+                "skipped": metrics["skipped"],
+                "P": P,
+                "T": T,
+                "R": R,
+                "N": N,
+            }
+        )
+
+    one_step()  # warm-up: compiles the sampler and the update
+    benchmark.group = "GRPO step, real 0.5B"
+    benchmark.pedantic(one_step, rounds=STEPS, warmup_rounds=0)
+    timed = records[1:]
+    assert all(np.isfinite(r["loss"]) and r["skipped"] == 0 for r in records)
+    P, T, R, N = (int(timed[-1][k]) for k in "PTRN")
+    flops = update_flops(trainer.config, P, T, R, N, row_layout=False)
+    row_flops = update_flops(trainer.config, P, T, R, N, row_layout=True)
+    update_s = statistics.median(r["update_s"] for r in timed)
+    forward_s = statistics.median(r["forward_s"] for r in timed)
+    rollout_s = statistics.median(r["rollout_s"] for r in timed)
+    t = trainer.config.text
+    compute = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[DTYPE]
+    mm = bare_matmul_flops_per_s(P * T + R * N, t.hidden_size, t.intermediate_size, compute)
+    info = {
+        "dtype": DTYPE,
+        "prompts_x_T": f"{P} x {T}",
+        "rows_x_N": f"{R} x {N}",
+        "rollout_s": rollout_s,
+        "update_s": update_s,
+        "forward_s": forward_s,
+        "step_s": rollout_s + update_s,
+        "update_flops": flops,
+        "row_layout_flops": row_flops,
+        "update_flops_per_s": flops / update_s,
+        "matmul_flops_per_s": mm,
+        "update_vs_matmul": flops / update_s / mm,
+        "steps_timed": len(timed),
+    }
+    benchmark.extra_info.update(info)
+    print(json.dumps(info, indent=1, default=float))
