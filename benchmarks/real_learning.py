@@ -22,11 +22,15 @@ Run:
 Measured on a 2-core Xeon (AMX), 24 GB RAM, shared with other jobs (2026-12-02); 4 groups
 x 8 samples, 24 new tokens, Adafactor, bf16 compute over fp32 params, remat, 50 steps:
 
+    --lr 1e-5 (the default): reward first 20 steps 0.550, last 20 0.757; exact-count
+        fraction 0.323 -> 0.541; 0.92-0.98 on steps 21-24, then noisy between 0.43 and
+        0.97 (the EMA plateaus near 0.77); 25.2 min, 0.0330 steps/s (median step 33 s:
+        ~4-7 s sampling, ~19-28 s update, with the machine's other load).
     --lr 5e-6: reward first 20 steps 0.486, last 20 0.553 (std error of each 20-step
-        mean ~0.025); exact-count fraction 0.237 -> 0.275; words per answer 5.3 -> 4.7
-        (mean targets 4.75 and 4.55); 26.5 min, 0.0315 steps/s (median step 32 s: ~6 s
-        sampling, ~25 s update; 15-56 s with the machine's other load).
+        mean ~0.025); exact-count fraction 0.237 -> 0.275; 26.5 min, 0.0315 steps/s.
 
+The same seed gives both runs the same tasks in the same order (mean target 4.75 over the
+first 20 steps, 4.55 over the last 20).
 Peak memory is ~12 GB (AdamW's moments would add 4 GB: hence Adafactor).
 """
 
@@ -50,7 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--groups", type=int, default=4, help="tasks (GRPO groups) per step")
     parser.add_argument("--group_size", type=int, default=8, help="samples per task")
     parser.add_argument("--tokens", type=int, default=24, help="max new tokens per answer")
-    parser.add_argument("--lr", type=float, default=5e-6, help="peak learning rate")
+    parser.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
     parser.add_argument("--warmup_steps", type=int, default=3, help="linear warmup steps")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     parser.add_argument(
