@@ -31,6 +31,7 @@ x 8 samples, 24 new tokens, Adafactor, bf16 compute over fp32 params, remat, 50 
 
 The same seed gives both runs the same tasks in the same order (mean target 4.75 over the
 first 20 steps, 4.55 over the last 20).
+
 Peak memory is ~12 GB (AdamW's moments would add 4 GB: hence Adafactor).
 """
 
