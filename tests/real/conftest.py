@@ -1,6 +1,7 @@
 """Fixtures for tests on real weights: the Qwen2.5-Coder-0.5B checkpoint built by
 `fixtures.real_model` (fetched and built once into a cache outside the repository), and the
-models that read it, loaded once per session.
+models that read it. The models are loaded once per module, not per session: 2.5 GB each
+in fp32, and the training tests need the memory for AdamW's moments.
 
 A machine that cannot fetch the GGUF fails these tests with the sources it tried.
 """
@@ -27,7 +28,7 @@ def real_dirs() -> RealModelDirs:
     return real_model_dirs()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def hf_model(real_dirs: RealModelDirs) -> Any:
     """HF's Qwen2_5_VLForConditionalGeneration on the HF directory, fp32, eager attention."""
     import torch
@@ -59,7 +60,7 @@ def hf_processor(real_dirs: RealModelDirs) -> Any:
     )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def jax_model(real_dirs: RealModelDirs) -> Any:
     """(config, params) of the converted model_dir, fp32."""
     import jax.numpy as jnp
