@@ -136,55 +136,68 @@ def real_model_dir() -> str:
     return str(real_model_dirs().model_dir)
 
 
-def test_bench_grpo_step_real_05b(benchmark, tmp_path, real_model_dir):
+def make_trainer(model_dir: str, save_dir: str, dtype: str) -> Trainer:
+    """The benchmark's trainer: GROUPS x GROUP_SIZE samples of NEW_TOKENS on WordCountEnv."""
     vlmgym_envs.register("bench-wordcount", WordCountEnv, overwrite=True)
-    trainer = Trainer(
+    return Trainer(
         TrainConfig(
-            model_dir=real_model_dir,
+            model_dir=model_dir,
             env_name="bench-wordcount",
             groups_per_batch=GROUPS,
             group_size=GROUP_SIZE,
             num_generation_tokens=NEW_TOKENS,
             lr=1e-6,
-            compute_dtype=DTYPE,
-            save_dir=str(tmp_path / "run"),
+            compute_dtype=dtype,
+            save_dir=save_dir,
             save_interval=10_000,
             progress=False,
         )
     )
+
+
+def timed_step(trainer: Trainer, i: int) -> tuple[dict[str, float], Any, dict[str, int]]:
+    """Step i (`prepare` then `update`), timed; returns (record, policy inputs, bounds)."""
+    t0 = time.perf_counter()
+    prepared = trainer.prepare(i)
+    t1 = time.perf_counter()
+    metrics = trainer.update(prepared, i)
+    t2 = time.perf_counter()
+    batch = prepared.batch
+    inputs, bounds = to_policy_inputs(
+        batch,
+        image_layout_arrays(trainer.config, batch.image_grid_thw),
+        asarray=np.asarray,
+        prompt_slots=GROUPS,
+    )
+    P, T = inputs.prompt_ids.shape
+    R, N = batch.targets.shape
+    record = {
+        "rollout_s": t1 - t0,
+        "sample_s": prepared.stats.get("time/sample_s", float("nan")),
+        "update_s": t2 - t1,
+        "step_s": t2 - t0,
+        "tokens": float(batch.mask.sum()),
+        "loss": metrics["loss"],
+        "skipped": metrics["skipped"],
+        "P": P,
+        "T": T,
+        "R": R,
+        "N": N,
+    }
+    return record, inputs, bounds
+
+
+def test_bench_grpo_step_real_05b(benchmark, tmp_path, real_model_dir):
+    trainer = make_trainer(real_model_dir, str(tmp_path / "run"), DTYPE)
     records: list[dict[str, float]] = []
     step = iter(range(1 + STEPS))
 
     def one_step() -> None:
         i = next(step)
-        t0 = time.perf_counter()
-        prepared = trainer.prepare(i)
-        t1 = time.perf_counter()
-        metrics = trainer.update(prepared, i)
-        t2 = time.perf_counter()
-        batch = prepared.batch
-        inputs, bounds = to_policy_inputs(
-            batch,
-            image_layout_arrays(trainer.config, batch.image_grid_thw),
-            asarray=np.asarray,
-            prompt_slots=GROUPS,
-        )
-        P, T = inputs.prompt_ids.shape
-        R, N = batch.targets.shape
-        forward_s = forward_seconds(trainer, inputs, bounds, batch.prompt_len) if i else 0.0
-        records.append(
-            {
-                "rollout_s": t1 - t0,
-                "update_s": t2 - t1,
-                "forward_s": forward_s,
-                "loss": metrics["loss"],
-                "skipped": metrics["skipped"],
-                "P": P,
-                "T": T,
-                "R": R,
-                "N": N,
-            }
-        )
+        record, inputs, bounds = timed_step(trainer, i)
+        T = int(record["T"])
+        record["forward_s"] = forward_seconds(trainer, inputs, bounds, T) if i else 0.0
+        records.append(record)
 
     one_step()  # warm-up: compiles the sampler and the update
     benchmark.group = "GRPO step, real 0.5B"

@@ -219,12 +219,7 @@ def run_trl(hf_dir: Path, out_dir: Path, precision: str) -> dict[str, Any]:
 
 def test_bench_vs_trl_real_05b(benchmark, tmp_path):
     pytest.importorskip("trl")
-    import vlmgym_envs
     from fixtures.real_model import real_model_dirs
-    from vlmgym_train.config import TrainConfig
-    from vlmgym_train.policy import to_policy_inputs
-    from vlmgym_train.rollout import image_layout_arrays
-    from vlmgym_train.trainer import Trainer
 
     dirs = real_model_dirs()
     # Each TRL run is a spawned child process, so that all of its memory is back before the
@@ -236,55 +231,13 @@ def test_bench_vs_trl_real_05b(benchmark, tmp_path):
             trl_rows.append(pool.apply(run_trl, (dirs.hf_dir, tmp_path, precision)))
     rss_after_trl_gb = rss_gb()
 
-    vlmgym_envs.register("bench-wordcount", grpo.WordCountEnv, overwrite=True)
-    trainer = Trainer(
-        TrainConfig(
-            model_dir=str(dirs.model_dir),
-            env_name="bench-wordcount",
-            groups_per_batch=grpo.GROUPS,
-            group_size=grpo.GROUP_SIZE,
-            num_generation_tokens=grpo.NEW_TOKENS,
-            lr=1e-6,
-            compute_dtype=DTYPE,
-            save_dir=str(tmp_path / "run"),
-            save_interval=10_000,
-            progress=False,
-        )
-    )
+    trainer = grpo.make_trainer(str(dirs.model_dir), str(tmp_path / "run"), DTYPE)
     records: list[dict[str, float]] = []
     step = iter(range(1 + STEPS))
 
     def one_step() -> None:
         i = next(step)
-        t0 = time.perf_counter()
-        prepared = trainer.prepare(i)
-        t1 = time.perf_counter()
-        metrics = trainer.update(prepared, i)
-        t2 = time.perf_counter()
-        batch = prepared.batch
-        inputs, _ = to_policy_inputs(
-            batch,
-            image_layout_arrays(trainer.config, batch.image_grid_thw),
-            asarray=np.asarray,
-            prompt_slots=grpo.GROUPS,
-        )
-        P, T = inputs.prompt_ids.shape
-        R, N = batch.targets.shape
-        records.append(
-            {
-                "rollout_s": t1 - t0,
-                "sample_s": prepared.stats.get("time/sample_s", float("nan")),
-                "update_s": t2 - t1,
-                "step_s": t2 - t0,
-                "tokens": float(batch.mask.sum()),
-                "loss": metrics["loss"],
-                "skipped": metrics["skipped"],
-                "P": P,
-                "T": T,
-                "R": R,
-                "N": N,
-            }
-        )
+        records.append(grpo.timed_step(trainer, i)[0])
         print(f"ours {DTYPE} step {i}:", json.dumps(records[-1], default=float), flush=True)
 
     one_step()  # warm-up: compiles the sampler and the update
