@@ -1,22 +1,40 @@
-"""Weight matmuls that take float32 accumulation's fast path in low precision.
+"""Weight matmuls: float32 accumulation in low precision, and a backward pass that runs
+on the CPU's fast matmul path.
 
 `einsum(spec, x, w)` is `jnp.einsum` for a two-operand contraction, with the product
 accumulated and emitted in float32 and cast back to the inputs' dtype, forward and
-backward alike. In float32 it is exactly `jnp.einsum`.
+backward alike. Its values equal `jnp.einsum`'s up to the summation order.
 
-Why: XLA's CPU backend runs a bf16 x bf16 -> bf16 dot on a slow generic path, while
-bf16 x bf16 -> f32 goes to the oneDNN kernel (AMX where the CPU has it). At the Qwen2.5
-0.5B MLP shape with 64 rows the difference was 5.8 ms against 0.93 ms per matmul,
-cast included. The result is rounded once, from the float32 accumulator, which is what a
-bf16 matmul does anyway. The backward pass needs its own rule: JAX's transpose of a dot
-with `preferred_element_type=float32` multiplies the float32 cotangent by the bf16
-operand, which upcasts both and loses the fast path again; here the cotangent is cast to
-the operands' dtype first, as in a plain bf16 matmul's backward.
+Dense layers. A spec of the form x[batch..., in...], w[in..., out...] -> [batch..., out...]
+(every projection of the model: "BTD,DF->BTF", "BTD,DNH->BTNH") runs as one 2-D product
+[M, K] @ [K, N] with its own backward rule:
+
+    dx = ct @ w.T                      (contracts the last axes of both)
+    dw = materialise(x.T) @ ct         (a plain [K, M] @ [M, N] product)
+
+Why: XLA's CPU backend sends a dot to its fast kernels (YNNPACK) only when the left
+operand contracts its last axis. JAX's own transpose rule writes the weight gradient as a
+dot contracting the batch axes, the first of both operands; XLA then either runs a slower
+generic dot or, inside the layer scan's backward pass, fuses a transpose of the [M, F]
+activation gradient into the preceding elementwise fusion, strided and slow. On the real
+0.5B checkpoint those transposes cost 1.9 s of a 12.5 s value-and-grad. Materialising x.T
+(the narrower operand, behind an `optimization_barrier` so that XLA cannot fold the
+transpose back into the dot) makes every backward product canonical.
+
+Low precision. XLA's CPU backend runs a bf16 x bf16 -> bf16 dot on a slow generic path,
+while bf16 x bf16 -> f32 goes to the fast kernel. At the Qwen2.5 0.5B MLP shape with 64
+rows the difference was 5.8 ms against 0.93 ms per matmul, cast included. The result is
+rounded once, from the float32 accumulator, which is what a bf16 matmul does anyway. In
+the backward pass the cotangent is cast to the operands' dtype first, as in a plain bf16
+matmul's backward (JAX's transpose of a float32-accumulated dot would multiply the float32
+cotangent by the bf16 operand, upcasting both and losing the fast path).
 """
 
 from __future__ import annotations
 
 import functools
+import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -61,7 +79,53 @@ def _transposable(spec: str) -> bool:
     return set(x) <= set(w) | set(out) and set(w) <= set(x) | set(out)
 
 
-def einsum(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+def _dense_in_axes(spec: str) -> int:
+    """How many axes a dense-layer spec contracts (x[batch..., in...], w[in..., out...] ->
+    [batch..., out...], in order, no index repeated); 0 when `spec` is not of that form."""
+    if spec.count("->") != 1 or spec.count(",") != 1 or "." in spec:
+        return 0
+    x, w, out = _parse(spec)
+    if any(len(set(s)) != len(s) for s in (x, w, out)):
+        return 0
+    k = len(set(x) & set(w))
+    if k == 0 or k == len(w) or x[len(x) - k :] != w[:k] or out != x[: len(x) - k] + w[k:]:
+        return 0
+    return k
+
+
+def _dot(x: jax.Array, w: jax.Array, contract: tuple[int, int], dtype: jnp.dtype) -> jax.Array:
+    dims = ((contract[0],), (contract[1],)), ((), ())
+    y = jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
+    return y.astype(dtype)
+
+
+@jax.custom_vjp
+def _dense_2d(x: jax.Array, w: jax.Array) -> jax.Array:
+    """[M, K] @ [K, N] -> float32[M, N], accumulated in float32."""
+    return _dot(x, w, (1, 0), jnp.float32)
+
+
+def _dense_fwd(x: jax.Array, w: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return _dense_2d(x, w), (x, w)
+
+
+def _dense_bwd(
+    residuals: tuple[jax.Array, jax.Array], ct: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    x, w = residuals
+    ct = ct.astype(x.dtype)
+    dx = _dot(ct, w, (1, 1), x.dtype)  # [M, N] x [K, N] -> [M, K]
+    x_t = jax.lax.optimization_barrier(x.T)  # [K, M], laid out row-major
+    dw = _dot(x_t, ct, (1, 0), w.dtype)  # [K, M] @ [M, N] -> [K, N]
+    return dx, dw
+
+
+_dense_2d.defvjp(_dense_fwd, _dense_bwd)
+
+
+def einsum(
+    spec: str, x: jax.Array, w: jax.Array, *, preferred_element_type: Any = None
+) -> jax.Array:
     """`jnp.einsum(spec, x, w)` accumulated in float32, returned in x's dtype.
 
     Args:
@@ -69,7 +133,18 @@ def einsum(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
         operand's indices appear in the other operand or the output (a matmul, batched
         or not).
       x, w: operands of the same floating dtype.
+      preferred_element_type: `jnp.float32` returns the float32 accumulator itself
+        (logits from bf16 operands); None returns x's dtype.
     """
-    if x.dtype == jnp.float32 or x.dtype != w.dtype or not _transposable(spec):
-        return jnp.einsum(spec, x, w)
-    return _low_precision_einsum(spec, x, w)
+    out_dtype = x.dtype if preferred_element_type is None else preferred_element_type
+    if x.dtype != w.dtype:
+        return jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type)
+    k = _dense_in_axes(spec)
+    if k:
+        batch, out = x.shape[: x.ndim - k], w.shape[k:]
+        m, n = math.prod(batch), math.prod(out)
+        y = _dense_2d(x.reshape(m, -1), w.reshape(-1, n)).astype(out_dtype)
+        return y.reshape(*batch, *out)
+    if x.dtype == jnp.float32 or not _transposable(spec):
+        return jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type)
+    return _low_precision_einsum(spec, x, w).astype(out_dtype)

@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from vlmgym_model.matmul import einsum
 from vlmgym_model.qwen2_5_vl import text
 from vlmgym_model.qwen2_5_vl.config import Qwen2_5_VLConfig
 from vlmgym_model.qwen2_5_vl.model import Qwen2_5_VLWeights, embed_inputs
@@ -63,6 +64,51 @@ class PolicyStatics:
     logprob_chunk: int = 1024
 
 
+@jax.custom_vjp
+def _logp_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """float32[C, V] logits, int[C] targets -> (log p(target), entropy), float32[C] each.
+
+    The backward rule writes d/dlogits in one elementwise pass,
+    g_logp * (onehot - p) + g_entropy * p * (E_p[logits] - logits), where autodiff would
+    scatter the target's cotangent into a zeroed [C, V] array first.
+    """
+    logp, entropy, _ = _logp_entropy_stats(logits, targets)
+    return logp, entropy
+
+
+def _logp_entropy_stats(
+    logits: jax.Array, targets: jax.Array
+) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array]]:
+    lse = jax.nn.logsumexp(logits, axis=-1)  # [C]
+    target_logit = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    probs = jnp.exp(logits - lse[:, None])
+    mean_logit = jnp.sum(probs * logits, axis=-1)  # E_p[logits]
+    return target_logit - lse, lse - mean_logit, (lse, mean_logit)
+
+
+def _logp_entropy_fwd(
+    logits: jax.Array, targets: jax.Array
+) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, ...]]:
+    logp, entropy, (lse, mean_logit) = _logp_entropy_stats(logits, targets)
+    return (logp, entropy), (logits, targets, lse, mean_logit)
+
+
+def _logp_entropy_bwd(
+    residuals: tuple[jax.Array, ...], cts: tuple[jax.Array, jax.Array]
+) -> tuple[jax.Array, None]:
+    logits, targets, lse, mean_logit = residuals
+    g_logp, g_entropy = cts
+    probs = jnp.exp(logits - lse[:, None])
+    onehot = jnp.arange(logits.shape[-1])[None, :] == targets[:, None]
+    d_logits = g_logp[:, None] * (onehot - probs) + g_entropy[:, None] * probs * (
+        mean_logit[:, None] - logits
+    )
+    return d_logits, None
+
+
+_logp_entropy.defvjp(_logp_entropy_fwd, _logp_entropy_bwd)
+
+
 def token_logprobs(
     hidden: jax.Array, out_proj: jax.Array, targets: jax.Array, chunk: int
 ) -> tuple[jax.Array, jax.Array]:
@@ -88,12 +134,8 @@ def token_logprobs(
     @jax.checkpoint
     def one(args: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         h_c, t_c = args
-        logits = jnp.einsum("CD,DV->CV", h_c, out_proj, preferred_element_type=jnp.float32)
-        lse = jax.nn.logsumexp(logits, axis=-1)  # [C]
-        target_logit = jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0]
-        probs = jnp.exp(logits - lse[:, None])
-        entropy = lse - jnp.sum(probs * logits, axis=-1)
-        return target_logit - lse, entropy
+        logits = einsum("CD,DV->CV", h_c, out_proj, preferred_element_type=jnp.float32)
+        return _logp_entropy(logits, t_c)
 
     logp, entropy = jax.lax.map(one, (h, t))
     logp = logp.reshape(-1)[:total].reshape(R, N)
