@@ -98,6 +98,19 @@ def update_flops(config: Any, P: int, T: int, R: int, N: int, row_layout: bool) 
     return 3 * forward + 8 * D * V * R * N
 
 
+def allocator() -> str:
+    """The malloc this process runs on: "tcmalloc" or "jemalloc" when preloaded, else "glibc".
+
+    It matters on the CPU: XLA allocates each step's temporaries afresh, and glibc returns
+    every large block to the OS when it is freed, so each step page-faults its gradients and
+    activations in again (see the README's "Training speed")."""
+    preload = os.environ.get("LD_PRELOAD", "")
+    for name in ("tcmalloc", "jemalloc"):
+        if name in preload:
+            return name
+    return "glibc"
+
+
 def bare_matmul_flops_per_s(M: int, D: int, F: int, dtype: Any) -> float:
     a = jnp.ones((M, D), dtype)
     b = jnp.ones((D, F), dtype)
@@ -215,6 +228,7 @@ def test_bench_grpo_step_real_05b(benchmark, tmp_path, real_model_dir):
     mm = bare_matmul_flops_per_s(P * T + R * N, t.hidden_size, t.intermediate_size, compute)
     info = {
         "dtype": DTYPE,
+        "allocator": allocator(),
         "prompts_x_T": f"{P} x {T}",
         "rows_x_N": f"{R} x {N}",
         "rollout_s": rollout_s,

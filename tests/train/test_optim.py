@@ -168,6 +168,13 @@ def test_is_finite() -> None:
     assert bool(f(jnp.float32(1.0), grads))
     assert not bool(f(jnp.float32(jnp.nan), grads))
     assert not bool(f(jnp.float32(1.0), {**grads, "a": jnp.array([1.0, jnp.inf, 0.0])}))
+    assert not bool(f(jnp.float32(1.0), {**grads, "a": jnp.array([1.0, -jnp.inf, 0.0])}))
+    assert not bool(f(jnp.float32(1.0), {**grads, "a": jnp.array([jnp.nan, 0.0, 0.0])}))
+    # Decided on the norm: a gradient whose square overflows float32 counts as not finite.
+    assert not bool(f(jnp.float32(1.0), {**grads, "a": jnp.array([1e20, 0.0, 0.0])}))
+    assert bool(f(jnp.float32(1.0), {**grads, "a": jnp.array([1e18, 0.0, 0.0])}))
+    # A norm computed elsewhere is used as given.
+    assert not bool(f(jnp.float32(1.0), grads, jnp.float32(jnp.nan)))
 
 
 def test_apply_if_finite_skips_bad_steps() -> None:

@@ -242,13 +242,19 @@ def cast_for_compute(params: PyTree, dtype: Any) -> PyTree:
     return jax.tree.map(cast, params)
 
 
-def is_finite(loss: jax.Array, grads: PyTree) -> jax.Array:
-    """bool[]: True when `loss` and every floating-point leaf of `grads` are finite. Jittable."""
-    leaves = [loss, *jax.tree.leaves(grads)]
-    checks = [
-        jnp.isfinite(x).all() for x in leaves if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
-    ]
-    return jnp.stack(checks).all() if checks else jnp.asarray(True)
+def is_finite(loss: jax.Array, grads: PyTree, grad_norm: jax.Array | None = None) -> jax.Array:
+    """bool[]: True when `loss` and every floating-point leaf of `grads` are finite. Jittable.
+
+    Decided on the global gradient norm (pass it when it is computed anyway): a sum of
+    squares is NaN or inf exactly when some element is NaN or inf, or so large (> ~1e19)
+    that its square overflows, which is no update to apply either. One reduction instead of
+    a separate pass over every gradient.
+    """
+    if grad_norm is None:
+        leaves = jax.tree.leaves(grads)
+        floats = [x for x in leaves if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+        grad_norm = optax.tree.norm(floats)
+    return jnp.isfinite(loss).all() & jnp.isfinite(grad_norm)
 
 
 def apply_if_finite(
@@ -257,16 +263,17 @@ def apply_if_finite(
     opt_state: optax.OptState,
     params: PyTree,
     loss: jax.Array,
+    grad_norm: jax.Array | None = None,
 ) -> tuple[PyTree, optax.OptState, jax.Array]:
     """One optimizer step, skipped when the loss or a gradient is not finite. Jittable.
 
-        ok = is_finite(loss, grads)
+        ok = is_finite(loss, grads, grad_norm)
         params, opt_state = (apply(tx.update(grads)), new state) if ok else (params, opt_state)
 
     Returns (params, opt_state, ok). A skipped step leaves the optimizer's step count (and so
     the learning-rate schedule) where it was; count skips from `ok` in the metrics.
     """
-    ok = is_finite(loss, grads)
+    ok = is_finite(loss, grads, grad_norm)
 
     def update(operands: tuple[PyTree, optax.OptState, PyTree]) -> tuple[PyTree, Any]:
         g, s, p = operands

@@ -118,9 +118,12 @@ def train_step(
         return loss_fn(batch, loss_cfg)
 
     (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-    params, opt_state, ok = apply_if_finite(tx, grads, state.opt_state, state.params, loss)
+    grad_norm = optax.tree.norm(grads)
+    params, opt_state, ok = apply_if_finite(
+        tx, grads, state.opt_state, state.params, loss, grad_norm
+    )
     metrics = dict(metrics)
-    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["grad_norm"] = grad_norm
     metrics["skipped"] = (~ok).astype(jnp.float32)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
