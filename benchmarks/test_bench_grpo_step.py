@@ -42,6 +42,7 @@ import numpy as np
 import pytest
 import vlmgym_envs
 from vlmgym_envs import Env, Observation, StepResult, user_message
+from vlmgym_train.cli import malloc_in_use
 from vlmgym_train.config import TrainConfig
 from vlmgym_train.optim import cast_for_compute
 from vlmgym_train.policy import PolicyStatics, compute_logprobs, to_policy_inputs
@@ -96,19 +97,6 @@ def update_flops(config: Any, P: int, T: int, R: int, N: int, row_layout: bool) 
         keys = P * T * (T + 1) / 2 + R * (N * T + N * (N + 1) / 2)
     forward = L * (2 * layer_params * tokens + 4 * keys * D)
     return 3 * forward + 8 * D * V * R * N
-
-
-def allocator() -> str:
-    """The malloc this process runs on: "tcmalloc" or "jemalloc" when preloaded, else "glibc".
-
-    It matters on the CPU: XLA allocates each step's temporaries afresh, and glibc returns
-    every large block to the OS when it is freed, so each step page-faults its gradients and
-    activations in again (see the README's "Training speed")."""
-    preload = os.environ.get("LD_PRELOAD", "")
-    for name in ("tcmalloc", "jemalloc"):
-        if name in preload:
-            return name
-    return "glibc"
 
 
 def bare_matmul_flops_per_s(M: int, D: int, F: int, dtype: Any) -> float:
@@ -228,7 +216,7 @@ def test_bench_grpo_step_real_05b(benchmark, tmp_path, real_model_dir):
     mm = bare_matmul_flops_per_s(P * T + R * N, t.hidden_size, t.intermediate_size, compute)
     info = {
         "dtype": DTYPE,
-        "allocator": allocator(),
+        "allocator": malloc_in_use(),
         "prompts_x_T": f"{P} x {T}",
         "rows_x_N": f"{R} x {N}",
         "rollout_s": rollout_s,

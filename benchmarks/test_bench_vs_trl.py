@@ -285,7 +285,7 @@ def test_bench_vs_trl_real_05b(benchmark, tmp_path):
             }
         )
     info = {
-        "allocator": grpo.allocator(),  # both sides: the TRL child inherits LD_PRELOAD
+        "allocator": grpo.malloc_in_use(),  # both sides: the TRL child inherits LD_PRELOAD
         "rss_gb_after_trl_freed": rss_after_trl_gb,
         "trl": trl_rows,
         "ours": ours,

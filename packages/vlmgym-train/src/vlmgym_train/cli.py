@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
 from vlmgym_model.cli import parse_args
 
 from vlmgym_train.config import TrainConfig
+
+
+def malloc_in_use() -> str:
+    """ "tcmalloc" or "jemalloc" when one is preloaded (LD_PRELOAD), else "glibc".
+
+    On the CPU it matters: XLA allocates a step's temporaries afresh, and glibc hands every
+    large block back to the OS when it is freed, so each step page-faults its gradients and
+    activations in again. A caching malloc keeps them (README, "Training speed")."""
+    preload = os.environ.get("LD_PRELOAD", "")
+    for name in ("tcmalloc", "jemalloc"):
+        if name in preload:
+            return name
+    return "glibc"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -23,6 +37,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vlmgym-train: error: {err}", file=sys.stderr)
         return 2
     print(f"vlmgym-train: run directory {trainer.run_dir}", file=sys.stderr)
+    import jax
+
+    if jax.default_backend() == "cpu" and malloc_in_use() == "glibc":
+        print(
+            "vlmgym-train: tip: on the CPU, updates run ~25% faster with tcmalloc preloaded, "
+            "e.g. LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+            file=sys.stderr,
+        )
     try:
         trainer.run()
     except TrainingError as err:
