@@ -13,7 +13,7 @@ from vlmgym_train.config import TrainConfig
 
 
 def malloc_in_use() -> str:
-    """ "tcmalloc" or "jemalloc" when one is preloaded (LD_PRELOAD), else "glibc".
+    """The malloc this process runs on: tcmalloc or jemalloc when preloaded, else glibc.
 
     On the CPU it matters: XLA allocates a step's temporaries afresh, and glibc hands every
     large block back to the OS when it is freed, so each step page-faults its gradients and
