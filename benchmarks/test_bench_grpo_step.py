@@ -25,8 +25,12 @@ warm-up step that compiles):
 - matmul_flops_per_s: a bare [P*T + R*N, D] x [D, F] matmul (the MLP's shape) in the same
   dtype, timed in the same run (the best of 20); `update_vs_matmul` is the update's FLOP/s
   over it;
-- allocator: the malloc in use (`LD_PRELOAD`): XLA's CPU temporaries are allocated afresh
-  each step, and glibc's malloc page-faults them in again every time.
+- allocator: the malloc in use. XLA's CPU runtime allocates a step's temporaries afresh
+  each call; glibc's malloc, at its defaults, hands them back to the OS and page-faults them
+  in again every step. This module tunes glibc on import ("glibc (tuned)"), as
+  `vlmgym-train` does for a checkpoint this large before its first JAX computation
+  (`vlmgym_model.host_malloc`); VLMGYM_TUNE_MALLOC=0 measures glibc's defaults, and
+  LD_PRELOAD=.../libtcmalloc_minimal.so.4 measures tcmalloc.
 
 Run: uv run pytest benchmarks/test_bench_grpo_step.py -q -s
 """
@@ -45,12 +49,16 @@ import numpy as np
 import pytest
 import vlmgym_envs
 from vlmgym_envs import Env, Observation, StepResult, user_message
-from vlmgym_train.cli import malloc_in_use
+from vlmgym_model.host_malloc import malloc_in_use, tune_glibc_malloc
 from vlmgym_train.config import TrainConfig
 from vlmgym_train.optim import cast_for_compute
 from vlmgym_train.policy import PolicyStatics, compute_logprobs, to_policy_inputs
 from vlmgym_train.rollout import image_layout_arrays
 from vlmgym_train.trainer import Trainer
+
+# Before the first JAX computation, as the CLI does (the arena limit binds only threads that
+# have not allocated yet).
+tune_glibc_malloc()  # does nothing with VLMGYM_TUNE_MALLOC=0 or a preloaded malloc
 
 STEPS = int(os.environ.get("VLMGYM_BENCH_GRPO_STEPS", 2))
 DTYPE = os.environ.get("VLMGYM_BENCH_DTYPE", "float32")

@@ -201,6 +201,7 @@ def run_trl(hf_dir: Path, out_dir: Path, precision: str) -> dict[str, Any]:
         "gradient_checkpointing": TRL_GC,
         "params": params,
         "torch_threads": torch.get_num_threads(),
+        "allocator": grpo.malloc_in_use(),
         "peak_rss_gb": peak_rss_gb,
         "rows_x_prompt": f"{int(last['R'])} x {int(last['T'])}",
         "rows_x_N": f"{int(last['R'])} x {int(last['N'])}",
@@ -285,7 +286,9 @@ def test_bench_vs_trl_real_05b(benchmark, tmp_path):
             }
         )
     info = {
-        "allocator": grpo.malloc_in_use(),  # both sides: the TRL child inherits LD_PRELOAD
+        # Both sides: the TRL child inherits LD_PRELOAD, and its spawned interpreter imports
+        # test_bench_grpo_step, which tunes glibc before torch allocates anything.
+        "allocator": grpo.malloc_in_use(),
         "rss_gb_after_trl_freed": rss_after_trl_gb,
         "trl": trl_rows,
         "ours": ours,

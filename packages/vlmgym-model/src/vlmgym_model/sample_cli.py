@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from vlmgym_model.cli import parse_args
+from vlmgym_model.host_malloc import tune_for_checkpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +49,10 @@ class SampleArgs:
             raise ValueError(f"--dtype must be bfloat16 or float32, got {self.dtype!r}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, tune_malloc: bool = False) -> int:
     args = parse_args(SampleArgs, argv, prog="vlmgym-sample")
+    if tune_malloc:  # before the first JAX computation (vlmgym_model.host_malloc)
+        tune_for_checkpoint(args.ckpt_dir)
 
     import jax
     import jax.numpy as jnp
@@ -105,5 +108,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def run() -> int:
+    """The `vlmgym-sample` program: `main` on the command line, with glibc's malloc tuned for XLA
+    when the model is large (`vlmgym_model.host_malloc`). Tests call `main` itself and leave
+    their process's malloc alone."""
+    return main(tune_malloc=True)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run())

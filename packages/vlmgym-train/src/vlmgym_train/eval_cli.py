@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from vlmgym_model.cli import parse_args
+from vlmgym_model.host_malloc import tune_for_checkpoint
 
 
 def _f(default: Any, help: str) -> Any:
@@ -41,8 +42,10 @@ class EvalArgs:
     attention_impl: str = _f("xla", "attention implementation")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, tune_malloc: bool = False) -> int:
     args = parse_args(EvalArgs, argv, prog="vlmgym-eval")
+    if tune_malloc:  # before the first JAX computation (vlmgym_model.host_malloc)
+        tune_for_checkpoint(args.model_dir)
     import jax
     import jax.numpy as jnp
     from vlmgym_envs import make
@@ -86,5 +89,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def run() -> int:
+    """The `vlmgym-eval` program: `main` on the command line, with glibc's malloc tuned for XLA
+    when the model is large (`vlmgym_model.host_malloc`). Tests call `main` itself and leave
+    their process's malloc alone."""
+    return main(tune_malloc=True)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run())
