@@ -44,8 +44,8 @@ def test_greedy_cli_equals_hf_generate(
         if with_image
         else "Write a Python function that checks whether a number is prime."
     )
-    argv = ["--ckpt_dir", str(real_dirs.model_dir), "--prompt", prompt, "--temperature", "0"]
-    argv += ["--dtype", "float32", "--max_new_tokens", str(NEW_TOKENS)]
+    argv = ["--model_dir", str(real_dirs.model_dir), "--prompt", prompt, "--temperature", "0"]
+    argv += ["--dtype", "float32", "--num_generation_tokens", str(NEW_TOKENS)]
     image = None
     if with_image:
         argv += ["--image", str(image_path)]

@@ -19,7 +19,6 @@ from vlmgym_train import (
     kl_penalty,
     mask_truncated,
     overlong_penalty,
-    sequence_mask,
 )
 
 B, T = 4, 6
@@ -443,11 +442,8 @@ def test_overlong_penalty() -> None:
         overlong_penalty([1], max_len=10, buffer=0)
 
 
-def test_sequence_and_truncation_masks() -> None:
-    m = sequence_mask(np.array([3, 0, 5]), 5)
-    np.testing.assert_array_equal(
-        np.asarray(m), [[1, 1, 1, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]]
-    )
+def test_truncation_mask() -> None:
+    m = np.array([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], bool)
     cut = mask_truncated(m, np.array([False, False, True]))
     assert cut.dtype == m.dtype
     np.testing.assert_array_equal(np.asarray(cut), [[1, 1, 1, 0, 0], [0] * 5, [0] * 5])

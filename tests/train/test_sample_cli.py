@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from vlmgym_model.sample_cli import main
 
-FAST = ["--max_new_tokens", "6", "--dtype", "float32"]
+FAST = ["--num_generation_tokens", "6", "--dtype", "float32"]
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def image_path(tmp_path_factory):
 
 
 def test_samples_go_to_stdout_and_throughput_to_stderr(tiny_model_dir, image_path, capsys):
-    argv = ["--ckpt_dir", str(tiny_model_dir), "--image", str(image_path), "--prompt", "shape?"]
+    argv = ["--model_dir", str(tiny_model_dir), "--image", str(image_path), "--prompt", "shape?"]
     assert main([*argv, *FAST, "--num_samples", "2", "--temperature", "1.0"]) == 0
     out, err = capsys.readouterr()
     assert out.count("--- sample ") == 2, out
@@ -32,18 +32,19 @@ def test_samples_go_to_stdout_and_throughput_to_stderr(tiny_model_dir, image_pat
     assert capsys.readouterr().out == first and "--- sample" not in first
 
 
-def test_text_only_prompt(tiny_model_dir, capsys):
-    assert main(["--ckpt_dir", str(tiny_model_dir), "--prompt", "hello", *FAST]) == 0
+def test_text_only_prompt_with_the_older_flag_spellings(tiny_model_dir, capsys):
+    argv = ["--ckpt_dir", str(tiny_model_dir), "--prompt", "hello", "--max_new_tokens", "6"]
+    assert main([*argv, "--dtype", "float32"]) == 0
     assert capsys.readouterr().err.count("tokens/s") == 1
 
 
 def test_bad_inputs_fail_with_a_message(tiny_model_dir, tmp_path, capsys):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
-    rc = main(["--ckpt_dir", str(tiny_model_dir), "--image", str(broken), "--prompt", "x"])
+    rc = main(["--model_dir", str(tiny_model_dir), "--image", str(broken), "--prompt", "x"])
     assert rc == 2 and "cannot read image" in capsys.readouterr().err
-    rc = main(["--ckpt_dir", str(tmp_path / "missing"), "--prompt", "x"])
+    rc = main(["--model_dir", str(tmp_path / "missing"), "--prompt", "x"])
     assert rc == 2 and "vlmgym-sample: error" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # neither a prompt nor an image
-        main(["--ckpt_dir", str(tiny_model_dir)])
+        main(["--model_dir", str(tiny_model_dir)])
     assert "--prompt" in capsys.readouterr().err

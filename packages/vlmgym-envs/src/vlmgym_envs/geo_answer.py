@@ -156,19 +156,6 @@ def _axis_of(m: re.Match[str]) -> str | None:
     return {"N": "latitude", "S": "latitude", "E": "longitude", "W": "longitude"}.get(hem)
 
 
-def parse_coordinate_pair(
-    value: object, strict: bool = False
-) -> tuple[float | None, float | None, str]:
-    """Read (latitude, longitude, ...) from text holding two coordinates.
-
-    Returns (lat, lon, error): None for what could not be read, error "" or the reason.
-    Hemisphere letters pick the axes ("2.35 E, 48.85 N" works); otherwise the first is the
-    latitude. With `strict`, only numbers that look like coordinates count (a decimal point,
-    a degree sign or a hemisphere letter), and the last such adjacent pair is taken.
-    """
-    return _pair(_clean(value), strict)
-
-
 def _looks_like_coordinate(m: re.Match[str]) -> bool:
     return bool(m["degsym"] or m["hem"] or m["pre"] or "." in m["deg"])
 

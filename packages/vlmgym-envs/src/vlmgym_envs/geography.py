@@ -251,19 +251,6 @@ def country_aliases_for_prose() -> frozenset[str]:
     return frozenset(k for k in _country_aliases() if len(k) >= 4)
 
 
-def country_aliases() -> dict[str, str]:
-    """A copy of the normalised country alias table (alias -> alpha-2)."""
-    return dict(_country_aliases())
-
-
-def country_name(code: str) -> str | None:
-    """English short name of an alpha-2 code ("DE" -> "Germany"), or None."""
-    import pycountry
-
-    c = pycountry.countries.get(alpha_2=code.upper()) if isinstance(code, str) else None
-    return None if c is None else str(getattr(c, "common_name", None) or c.name)
-
-
 # Reverse geocoding -------------------------------------------------------------------------
 
 
@@ -355,19 +342,3 @@ def reverse_geocode(latitude: Any, longitude: Any) -> list[Place | None]:
     """Nearest GeoNames place of each point; None where a coordinate is not finite."""
     table = geonames()
     return [table.place(int(i)) if i >= 0 else None for i in table.nearest(latitude, longitude)]
-
-
-@functools.cache
-def _admin1_index() -> dict[str, dict[str, str]]:
-    """cc -> {admin_key(admin1): admin1} over the GeoNames table."""
-    table = geonames()
-    index: dict[str, dict[str, str]] = {}
-    for cc, admin1 in zip(table.cc, table.admin1, strict=True):
-        if admin1:
-            index.setdefault(cc, {}).setdefault(admin_key(admin1), admin1)
-    return index
-
-
-def admin1_names(cc: str) -> dict[str, str]:
-    """The admin1 (region) names GeoNames lists for a country, keyed by `admin_key`."""
-    return dict(_admin1_index().get(cc.upper(), {}))

@@ -110,21 +110,13 @@ def resolve(name: str) -> EnvFactory:
     key = _key(name)
     key = _ALIASES.get(key, key)
     if key not in _FACTORIES and ":" in name:
-        module_name, _, attribute = name.strip().partition(":")
-        factory = getattr(importlib.import_module(module_name), attribute)
-        if not callable(factory):
-            raise TypeError(f"{name} is not callable")
-        return factory
+        return _import_factory(name.strip())
     if key not in _FACTORIES:
         known = ", ".join(sorted([*_FACTORIES, *_ALIASES]))
         raise KeyError(f"no environment named {name!r}; known: {known}")
     factory = _FACTORIES[key]
     if isinstance(factory, str):
-        module_name, _, attribute = factory.partition(":")
-        factory = getattr(importlib.import_module(module_name), attribute)
-        if not callable(factory):
-            raise TypeError(f"{module_name}:{attribute} is not callable")
-        _FACTORIES[key] = factory
+        factory = _FACTORIES[key] = _import_factory(factory)
     return factory
 
 
@@ -134,3 +126,12 @@ def make(name: str, **kwargs: Any) -> Env[Any]:
     if not isinstance(env, Env):
         raise TypeError(f"the factory for {name!r} returned {type(env).__name__}, not an Env")
     return env
+
+
+def _import_factory(spec: str) -> Callable[..., Any]:
+    """The callable `"package.module:Attribute"` names (imported now)."""
+    module_name, _, attribute = spec.partition(":")
+    factory = getattr(importlib.import_module(module_name), attribute)
+    if not callable(factory):
+        raise TypeError(f"{spec} is not callable")
+    return factory

@@ -207,8 +207,3 @@ def copy_side_files(src: str | Path, dst: str | Path) -> list[str]:
             shutil.copyfile(src / name, dst / name)
             copied.append(name)
     return copied
-
-
-def to_numpy_tree(params: Qwen2_5_VLWeights) -> dict[str, np.ndarray]:
-    """Flat {name: host numpy array}, gathering sharded arrays."""
-    return {n: np.asarray(jax.device_get(a)) for n, a in flatten_params(params).items()}

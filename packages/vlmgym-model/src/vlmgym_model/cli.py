@@ -3,7 +3,9 @@
 Each field becomes `--field_name` (both `--x=1` and `--x 1` work). Help text comes from
 `field(metadata={"help": ...})`. Booleans accept `--flag`, `--flag=true|false` and
 `--no-flag`. `list[...]`/`tuple[...]` fields may be repeated or given comma-separated;
-`X | None` fields accept `none`.
+`X | None` fields accept `none`. `metadata={"aliases": ("--old_name",)}` keeps other
+spellings of a flag working (one name per setting across the commands; older names as
+aliases).
 """
 
 from __future__ import annotations
@@ -83,11 +85,19 @@ def build_parser(cls: type, description: str | None = None, prog: str | None = N
             if field.default is not dataclasses.MISSING
             else (field.default_factory() if has_default else None)  # type: ignore[misc]
         )
-        name = f"--{field.name}"
+        names = [f"--{field.name}", *field.metadata.get("aliases", ())]
+        if names[1:]:
+            help_text += f" (also {', '.join(names[1:])})"
         origin = typing.get_origin(tp)
         if tp is bool:
             parser.add_argument(
-                name, nargs="?", const=True, default=default, type=_parse_bool, help=help_text
+                *names,
+                dest=field.name,
+                nargs="?",
+                const=True,
+                default=default,
+                type=_parse_bool,
+                help=help_text,
             )
             parser.add_argument(
                 f"--no-{field.name}", dest=field.name, action="store_false", help=argparse.SUPPRESS
@@ -100,12 +110,18 @@ def build_parser(cls: type, description: str | None = None, prog: str | None = N
                 return [parse_item(p) for p in text.split(",") if p.strip()]
 
             parser.add_argument(
-                name, action="append", type=parse_list, default=None, help=help_text
+                *names,
+                dest=field.name,
+                action="append",
+                type=parse_list,
+                default=None,
+                help=help_text,
             )
             parser.set_defaults(**{f"_default_{field.name}": default})
         else:
             parser.add_argument(
-                name,
+                *names,
+                dest=field.name,
                 type=_scalar_parser(tp, optional),
                 default=default,
                 required=not has_default,

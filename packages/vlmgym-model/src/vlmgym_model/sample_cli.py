@@ -17,15 +17,20 @@ class SampleArgs:
     Completions go to stdout (one block per sample); throughput goes to stderr.
     """
 
-    ckpt_dir: str = dataclasses.field(
-        metadata={"help": "model directory (vlmgym-convert output or a trained policy)"}
+    model_dir: str = dataclasses.field(
+        metadata={
+            "help": "model directory (vlmgym-convert output or a trained policy)",
+            "aliases": ("--ckpt_dir",),
+        }
     )
     prompt: str = dataclasses.field(default="", metadata={"help": "the user's text"})
     image: list[str] = dataclasses.field(
         default_factory=list, metadata={"help": "image path; repeat for several images"}
     )
     system: str | None = dataclasses.field(default=None, metadata={"help": "system prompt"})
-    max_new_tokens: int = dataclasses.field(default=256, metadata={"help": "tokens to generate"})
+    num_generation_tokens: int = dataclasses.field(
+        default=256, metadata={"help": "tokens to generate", "aliases": ("--max_new_tokens",)}
+    )
     temperature: float = dataclasses.field(default=0.7, metadata={"help": "0 is greedy"})
     top_p: float = dataclasses.field(default=1.0, metadata={"help": "nucleus mass (1 = off)"})
     top_k: int = dataclasses.field(default=0, metadata={"help": "top-k (0 = off)"})
@@ -35,8 +40,12 @@ class SampleArgs:
     dtype: str = dataclasses.field(
         default="bfloat16", metadata={"help": "weight dtype: bfloat16 or float32"}
     )
-    max_pixels: int | None = dataclasses.field(
-        default=None, metadata={"help": "image pixel budget (default: preprocessor config)"}
+    vlm_max_pixels: int | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "image pixel budget (default: preprocessor config)",
+            "aliases": ("--max_pixels",),
+        },
     )
     attention_impl: str = dataclasses.field(
         default="xla", metadata={"help": "attention implementation (see vlmgym_kernels)"}
@@ -52,7 +61,7 @@ class SampleArgs:
 def main(argv: Sequence[str] | None = None, *, tune_malloc: bool = False) -> int:
     args = parse_args(SampleArgs, argv, prog="vlmgym-sample")
     if tune_malloc:  # before the first JAX computation (vlmgym_model.host_malloc)
-        tune_for_checkpoint(args.ckpt_dir)
+        tune_for_checkpoint(args.model_dir)
 
     import jax
     import jax.numpy as jnp
@@ -78,14 +87,14 @@ def main(argv: Sequence[str] | None = None, *, tune_malloc: bool = False) -> int
         messages.insert(0, {"role": "system", "content": args.system})
 
     try:
-        config, params = load_model(args.ckpt_dir, dtype=getattr(jnp, args.dtype))
-        processor = Processor.from_model_dir(args.ckpt_dir)
+        config, params = load_model(args.model_dir, dtype=getattr(jnp, args.dtype))
+        processor = Processor.from_model_dir(args.model_dir)
     except (FileNotFoundError, ValueError) as err:
         print(f"vlmgym-sample: error: {err}", file=sys.stderr)
         return 2
-    sampler = Sampler(config, processor, impl=args.attention_impl, max_pixels=args.max_pixels)
+    sampler = Sampler(config, processor, impl=args.attention_impl, max_pixels=args.vlm_max_pixels)
     sampling = SamplingParams(
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=args.num_generation_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,

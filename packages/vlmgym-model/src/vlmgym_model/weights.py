@@ -80,20 +80,3 @@ def param_shardings(specs: Any, mesh: Mesh, rules: ShardingRules | None = None) 
     return jax.tree.map(
         lambda s: rules.sharding(mesh, s.logical_axes, s.shape), specs, is_leaf=is_spec
     )
-
-
-def check_params(specs: Any, params: Any) -> None:
-    """Raise a ValueError naming every weight whose shape differs from its spec."""
-    spec_leaves = jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)[0]
-    param_leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    if len(spec_leaves) != len(param_leaves):
-        raise ValueError(
-            f"params have {len(param_leaves)} arrays but the model expects {len(spec_leaves)}"
-        )
-    bad = [
-        f"{jax.tree_util.keystr(path)}: expected {spec.shape}, got {tuple(arr.shape)}"
-        for (path, spec), (_, arr) in zip(spec_leaves, param_leaves, strict=True)
-        if tuple(arr.shape) != spec.shape
-    ]
-    if bad:
-        raise ValueError("weights with the wrong shape:\n  " + "\n  ".join(bad))

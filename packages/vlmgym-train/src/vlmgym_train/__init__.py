@@ -6,7 +6,7 @@ Public API:
   `dynamic_sampling_mask(rewards) -> bool[G]`
 - losses: `get_loss(name)(LossInputs, LossConfig) -> (loss, metrics)` for "ppo_clip",
   "gspo", "reinforce"; `register_loss`, `LOSSES`, `aggregate`, `kl_penalty`,
-  `sequence_mask`, `mask_truncated`, `overlong_penalty`
+  `mask_truncated`, `overlong_penalty`
 - optim: `OptimConfig`, `make_optimizer(cfg, params, trainable=...)`, `make_schedule`,
   `trainable_by_name`, `cast_for_compute`, `is_finite`, `apply_if_finite`
 - checkpointing: `TrainState`, `TrainCheckpointer`, `RestoredCheckpoint`
@@ -15,7 +15,6 @@ Public API:
 
 from vlmgym_train.advantages import (
     ADVANTAGES,
-    AdvantageFn,
     dr_grpo,
     dynamic_sampling_mask,
     get_advantage,
@@ -39,7 +38,6 @@ from vlmgym_train.losses import (
     overlong_penalty,
     ppo_clip,
     register_loss,
-    sequence_mask,
 )
 from vlmgym_train.metrics_log import MetricsLogger, mean_info, plot_rewards
 from vlmgym_train.optim import (
@@ -55,7 +53,6 @@ from vlmgym_train.optim import (
 __all__ = [
     "ADVANTAGES",
     "LOSSES",
-    "AdvantageFn",
     "LossConfig",
     "LossFn",
     "LossInputs",
@@ -87,6 +84,5 @@ __all__ = [
     "register_loss",
     "reinforce_plus_plus",
     "rloo",
-    "sequence_mask",
     "trainable_by_name",
 ]

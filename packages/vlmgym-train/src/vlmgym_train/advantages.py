@@ -22,18 +22,11 @@ sampling keeps only those and refills the batch).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
-
-
-class AdvantageFn(Protocol):
-    """`fn(rewards: float[G, n], *, eps=1e-6, **kwargs) -> float[G, n]`."""
-
-    def __call__(self, rewards: ArrayLike, *, eps: float = 1e-6) -> jax.Array: ...
-
 
 F = TypeVar("F", bound=Callable[..., jax.Array])
 

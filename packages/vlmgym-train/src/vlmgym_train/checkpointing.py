@@ -36,6 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from vlmgym_train.jsonable import jsonable
+
 PyTree = Any
 
 
@@ -109,12 +111,6 @@ def _key_data_abstract(x: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
     elif not isinstance(sharding, jax.sharding.SingleDeviceSharding):
         sharding = None
     return jax.ShapeDtypeStruct(out.shape, out.dtype, sharding=sharding)
-
-
-def _jsonable(x: Any) -> Any:
-    if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return dataclasses.asdict(x)
-    return x
 
 
 class TrainCheckpointer:
@@ -201,9 +197,9 @@ class TrainCheckpointer:
                 leaves.append(leaf)
         meta = {
             "step": step,
-            "data_position": _jsonable(data_position),
-            "config": _jsonable(config),
-            "extra": _jsonable(extra),
+            "data_position": jsonable(data_position),
+            "config": jsonable(config),
+            "extra": jsonable(extra),
             "key_impls": key_impls,
         }
         return bool(

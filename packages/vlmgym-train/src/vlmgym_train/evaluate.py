@@ -30,6 +30,8 @@ import numpy as np
 from vlmgym_envs import Env
 from vlmgym_model.sampling import Sampler, SamplingParams
 
+from vlmgym_train.jsonable import jsonable
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
@@ -48,22 +50,6 @@ class EvalConfig:
 class EvalResult:
     metrics: dict[str, float]
     records: list[dict[str, Any]]
-
-
-def _jsonable(x: Any) -> Any:
-    if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return {k: _jsonable(v) for k, v in dataclasses.asdict(x).items()}
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if x is None or isinstance(x, str | int | float | bool):
-        return x
-    return str(x)
 
 
 def _prompt_text(messages: list[dict[str, Any]]) -> str:
@@ -244,7 +230,7 @@ def evaluate(
             for task, (state, obs), group in zip(batch, resets, gen.samples, strict=True):
                 results = env.step_many([state] * len(group), [s.text for s in group])
                 for j, (sample, result) in enumerate(zip(group, results, strict=True)):
-                    info = _jsonable(result.info)
+                    info = jsonable(result.info)
                     record = {
                         "task": int(task),
                         "sample": j,
@@ -256,7 +242,7 @@ def evaluate(
                         "finish_reason": sample.finish_reason,
                         "length": sample.length,
                         "info": info,
-                        "state": _jsonable(state),
+                        "state": jsonable(state),
                     }
                     records.append(record)
                     if sink is not None:

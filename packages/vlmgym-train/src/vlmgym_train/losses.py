@@ -451,12 +451,6 @@ def reinforce(batch: LossInputs, config: LossConfig) -> tuple[jax.Array, dict[st
 # ----------------------------------------------------------------------------- masks, shaping
 
 
-def sequence_mask(lengths: ArrayLike, max_len: int) -> jax.Array:
-    """mask[b, t] = t < lengths[b]: int[B], T -> bool[B, T] (completion tokens at the left)."""
-    lengths = jnp.asarray(lengths)
-    return jnp.arange(max_len)[None, :] < lengths[:, None]  # [B, T]
-
-
 def mask_truncated(mask: ArrayLike, truncated: ArrayLike) -> jax.Array:
     """DAPO's overlong filtering: drop completions cut at the length limit from the loss.
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -25,6 +25,8 @@ from vlmgym_envs import Env, Observation, StepResult
 from vlmgym_model.qwen2_5_vl.config import Qwen2_5_VLConfig
 from vlmgym_model.qwen2_5_vl.vision import vision_layout
 from vlmgym_model.sampling import Generation, Sample, Sampler, SamplingParams
+
+from vlmgym_train.jsonable import jsonable
 
 
 @dataclasses.dataclass
@@ -74,17 +76,6 @@ class RolloutBatch:
     prompt_len: int  # T
 
 
-@dataclasses.dataclass
-class Rollout:
-    """The outcome of a batch of rollouts."""
-
-    trajectories: list[Trajectory]
-    batch: RolloutBatch
-    rewards: np.ndarray  # float32[G, n] total reward of each trajectory
-    timings: dict[str, float]
-    num_tokens: int
-
-
 def _append_assistant(messages: list[dict[str, Any]], text: str) -> None:
     messages.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
 
@@ -102,7 +93,6 @@ def run_groups(
     key: jax.Array,
     *,
     max_turns: int = 1,
-    reward_hook: Callable[[list[StepResult]], None] | None = None,
     group_offset: int = 0,
     chunks: int = 1,
 ) -> tuple[list[Trajectory], list[TurnRows], dict[str, float]]:
@@ -164,8 +154,6 @@ def run_groups(
             t2 = time.perf_counter()
             for sample_owner, samples, future in pending:
                 results = future.result()
-                if reward_hook is not None:
-                    reward_hook(results)
                 for i, sample, result in zip(sample_owner, samples, results, strict=True):
                     _record(trajectories[i], sample, result, last_turn=turn == max_turns - 1)
             t_wait += time.perf_counter() - t2
@@ -217,14 +205,6 @@ def merge_rounds(
         )
         groups += (max(t.group for t in trajs) + 1) if trajs else 0
     return trajectories, turns
-
-
-def _json_default(x: Any) -> Any:
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    return str(x)
 
 
 def round_to_arrays(
@@ -279,7 +259,7 @@ def round_to_arrays(
             assert gen.pixel_values is not None
             out[f"{i}/pixel_values"] = gen.pixel_values
             out[f"{i}/image_grid_thw"] = gen.image_grid_thw
-    blob = json.dumps(meta, default=_json_default).encode()
+    blob = json.dumps(jsonable(meta, nan_to_null=False)).encode()
     out["meta"] = np.frombuffer(blob, np.uint8)
     return out
 

@@ -42,7 +42,13 @@ from vlmgym_train import distributed
 from vlmgym_train.advantages import dynamic_sampling_mask, get_advantage
 from vlmgym_train.checkpointing import TrainCheckpointer, TrainState
 from vlmgym_train.config import TrainConfig
-from vlmgym_train.losses import LossConfig, LossInputs, get_loss, overlong_penalty
+from vlmgym_train.losses import (
+    LossConfig,
+    LossInputs,
+    get_loss,
+    mask_truncated,
+    overlong_penalty,
+)
 from vlmgym_train.metrics_log import MetricsLogger, mean_info, plot_rewards
 from vlmgym_train.optim import (
     OptimConfig,
@@ -439,9 +445,9 @@ class Trainer:
         for row, owner in enumerate(batch.trajectory):
             trajs[owner].info["length"] += int(lengths[row])
         rewards, adv = self.advantages(trajs)
-        mask = batch.mask.copy()
+        mask = batch.mask
         if cfg.overlong == "mask":
-            mask[batch.truncated] = 0.0
+            mask = np.asarray(mask_truncated(mask, batch.truncated))
         stats["time/rollout_s"] = time.perf_counter() - t0
         return PreparedBatch(
             batch=batch,
