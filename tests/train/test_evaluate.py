@@ -13,7 +13,7 @@ from fixtures.datasets import write_osv5m
 from vlmgym_envs.osv5m_metrics import osv5m_metrics
 from vlmgym_model import Processor, Sampler, load_model
 from vlmgym_train.eval_cli import main as eval_main
-from vlmgym_train.evaluate import EvalConfig, evaluate
+from vlmgym_train.evaluate import EvalConfig, compute_metrics, evaluate, write_plots
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +101,39 @@ def test_eval_cli_prints_a_table(tiny_model_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "accuracy/color" in out and "reward/mean" in out
     assert json.loads((tmp_path / "metrics.json").read_text())["tasks"] == 4
+
+
+class _Echo(vlmgym_envs.Env[int]):
+    """An env from outside the package: its own metric and plot reach the evaluator."""
+
+    def __len__(self) -> int:
+        return 3
+
+    def reset(self, idx: int):
+        return idx, vlmgym_envs.Observation([vlmgym_envs.user_message(f"say {idx}")])
+
+    def step(self, state: int, text: str):
+        return vlmgym_envs.StepResult(reward=float(str(state) in text), done=True)
+
+    def metrics(self, records):
+        return {"echo/tasks_seen": float(len({r["task"] for r in records}))}
+
+    def plots(self, records, out_dir):
+        path = out_dir / "echo.txt"
+        path.write_text(f"{len(records)}\n")
+        return [path]
+
+
+def test_the_env_supplies_its_metrics_and_plots(tmp_path):
+    records = [
+        {"task": t, "sample": s, "reward": 1.0 if s == 0 else 0.0, "info": {}, "state": t}
+        for t in range(3)
+        for s in range(2)
+    ]
+    metrics = compute_metrics(_Echo(), records, num_samples=2)
+    assert metrics["echo/tasks_seen"] == 3 and metrics["pass@2"] == 1.0
+    assert write_plots(_Echo(), records, tmp_path) == [tmp_path / "echo.txt"]
+    assert (tmp_path / "echo.txt").read_text() == "3\n"  # first samples only
+    # an env without plots of its own gets the reward histogram
+    plain = vlmgym_envs.make("shapes", preset="easy")
+    assert write_plots(plain, records, tmp_path) == [tmp_path / "reward_hist.png"]

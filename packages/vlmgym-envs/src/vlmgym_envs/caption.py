@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from PIL import Image
 
 from vlmgym_envs.archives import DataError, check_member_name, decode_image
@@ -176,6 +177,12 @@ class CaptionEnv(Env[CaptionState]):
         if self.system_prompt:
             messages.insert(0, system_message(self.system_prompt))
         return CaptionState(i, self.references[i]), Observation(messages)
+
+    def metrics(self, records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+        """The mean reward under its own name (`cider_d`, or the keyword reward's kind)."""
+        kind = records[0]["info"].get("reward_kind", "cider") if records else "cider"
+        name = "cider_d" if kind == "cider" else kind
+        return {name: float(np.mean([r["reward"] for r in records]))}
 
     def step(self, state: CaptionState, text: str) -> StepResult[CaptionState]:
         if self.reward_name == "cider":

@@ -21,9 +21,10 @@ Contract every environment keeps:
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from numbers import Integral
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from PIL import Image
@@ -132,6 +133,21 @@ class Env(abc.ABC, Generic[StateT]):
         if len(states) != len(texts):
             raise ValueError(f"step_many got {len(states)} states but {len(texts)} texts")
         return [self.step(state, text) for state, text in zip(states, texts, strict=True)]
+
+    def metrics(self, records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+        """The task's own metrics over evaluation records (none by default).
+
+        One record per task (its first sample), as `vlmgym-eval` writes them to
+        `records.jsonl`: "reward", "completion", "parsed", and "info" (the `StepResult`'s
+        info) and "state" (the episode state) as JSON values (dataclasses become dicts).
+        """
+        return {}
+
+    def plots(self, records: Sequence[Mapping[str, Any]], out_dir: Path) -> list[Path]:
+        """Draw the task's own plots of evaluation records (as for `metrics`) into `out_dir`
+        and return their paths. None by default; the evaluator then draws a reward histogram.
+        """
+        return []
 
     def check_index(self, idx: int) -> int:
         """Validate an episode index (negative indices count from the end, like a list)."""

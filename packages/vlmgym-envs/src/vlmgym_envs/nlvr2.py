@@ -14,10 +14,12 @@ counted in `NLVR2Env.ambiguous_count`.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from vlmgym_envs.answers import parse_bool
@@ -136,6 +138,14 @@ class NLVR2Env(Env[NLVR2State]):
         if self.system_prompt:
             messages.insert(0, system_message(self.system_prompt))
         return state, Observation(messages)
+
+    def metrics(self, records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+        """accuracy, and counts of unparseable and ambiguous answers."""
+        return {
+            "accuracy": float(np.mean([bool(r["info"].get("correct")) for r in records])),
+            "unparseable": float(sum(r["info"].get("answer") is None for r in records)),
+            "ambiguous": float(sum(bool(r["info"].get("ambiguous")) for r in records)),
+        }
 
     def step(self, state: NLVR2State, text: str) -> StepResult[NLVR2State]:
         answer = parse_bool(text)

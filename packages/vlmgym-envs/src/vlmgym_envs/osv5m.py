@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -270,6 +271,67 @@ class OSV5MEnv(Env[OSV5MState]):
         state = OSV5MState(i, record.id, record.truth, self.curriculum.stage)
         return state, Observation(messages)
 
+    def metrics(self, records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+        """OSV-5M's official metrics (`osv5m_metrics`) and `unparsed_coordinates`, the count
+        of answers without a readable coordinate pair."""
+        from vlmgym_envs.osv5m_metrics import osv5m_metrics
+
+        guesses = [_guess(r) for r in records]
+        out = osv5m_metrics(
+            [lat for lat, _ in guesses],
+            [lon for _, lon in guesses],
+            [r["state"]["truth"]["latitude"] for r in records],
+            [r["state"]["truth"]["longitude"] for r in records],
+        )
+        out["unparsed_coordinates"] = float(sum(math.isnan(lat) for lat, _ in guesses))
+        return out
+
+    def plots(self, records: Sequence[Mapping[str, Any]], out_dir: Path) -> list[Path]:
+        """`world_scatter.png` (guesses against truths, joined by error lines) and
+        `distance_hist.png`. Needs matplotlib (installed with vlmgym-train)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        out_dir = Path(out_dir)
+        fig, ax = plt.subplots(figsize=(10, 5))
+        ax.set_xlim(-180, 180)
+        ax.set_ylim(-90, 90)
+        ax.set_xlabel("longitude")
+        ax.set_ylabel("latitude")
+        ax.set_title("guesses (x) against truths (o)")
+        ax.grid(alpha=0.3)
+        dists = []
+        for r in records:
+            truth = r["state"]["truth"]
+            lat, lon = _guess(r)
+            ax.plot(truth["longitude"], truth["latitude"], "o", color="tab:green", ms=3)
+            if math.isnan(lat) or math.isnan(lon):
+                continue
+            ax.plot(lon, lat, "x", color="tab:red", ms=3)
+            ax.plot(
+                [truth["longitude"], lon],
+                [truth["latitude"], lat],
+                "-",
+                color="grey",
+                lw=0.5,
+                alpha=0.6,
+            )
+            if r["info"].get("distance_km") is not None:
+                dists.append(float(r["info"]["distance_km"]))
+        written = [out_dir / "world_scatter.png", out_dir / "distance_hist.png"]
+        fig.savefig(written[0], dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.hist(dists or [0.0], bins=30, color="tab:blue")
+        ax.set_xlabel("distance to truth (km)")
+        ax.set_ylabel("images")
+        ax.set_title("distance histogram")
+        fig.savefig(written[1], dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        return written
+
     def step(self, state: OSV5MState, text: str) -> StepResult[OSV5MState]:
         guess = parse_geo_answer(text)
         reward, levels = geo_reward(guess, state.truth, state.stage)
@@ -287,3 +349,13 @@ class OSV5MEnv(Env[OSV5MState]):
             "sources": dict(levels.sources),
         }
         return StepResult(reward=reward, done=True, info=info)
+
+
+def _guess(record: Mapping[str, Any]) -> tuple[float, float]:
+    """An evaluation record's parsed (latitude, longitude); NaN for what was not read."""
+    parsed = record["info"].get("parsed") or {}
+    lat, lon = parsed.get("latitude"), parsed.get("longitude")
+    return (
+        float("nan") if lat is None else float(lat),
+        float("nan") if lon is None else float(lon),
+    )

@@ -36,6 +36,8 @@ and a "Wrong, try again" message; a later correct answer earns its reward times
 from __future__ import annotations
 
 import dataclasses
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -388,6 +390,16 @@ class ShapesEnv(Env[ShapesState]):
         if parsed.reason:
             info["parse_error"] = parsed.reason
         return float(reward), info
+
+    def metrics(self, records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+        """accuracy overall and per question kind (`accuracy/<kind>`), and `format_ok`."""
+        by_kind: dict[str, list[bool]] = defaultdict(list)
+        for r in records:
+            by_kind[str(r["info"].get("kind"))].append(bool(r["info"].get("correct")))
+        out = {f"accuracy/{k}": float(np.mean(v)) for k, v in sorted(by_kind.items())}
+        out["accuracy"] = float(np.mean([c for v in by_kind.values() for c in v]))
+        out["format_ok"] = float(np.mean([bool(r["info"].get("format_ok")) for r in records]))
+        return out
 
     def step(self, state: ShapesState, text: str) -> StepResult[ShapesState]:
         reward, info = self.score(state, text)

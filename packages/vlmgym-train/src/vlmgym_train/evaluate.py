@@ -4,10 +4,10 @@ Outputs in `output_dir`:
 - `records.jsonl`: one line per (task, sample): prompt, image reference, completion,
   parsed answer, reward, info. Read back on a rerun: finished tasks are skipped, so an
   interrupted evaluation resumes where it stopped.
-- `metrics.json`: the environment's metrics (computed by the envs package's metric
-  functions), plus reward mean, and pass@k / mean@k with several samples per task.
-- plots: for `osv5m` a world scatter of guesses against truths with error lines and a
-  distance histogram; for the others a reward histogram.
+- `metrics.json`: the environment's own metrics (`Env.metrics` over each task's first
+  sample), plus reward mean, and pass@k / mean@k with several samples per task.
+- plots: the environment's own (`Env.plots`; osv5m draws a world scatter of guesses
+  against truths and a distance histogram), else a reward histogram.
 
 Deterministic for a fixed seed: task order, sampling keys and batches depend only on it.
 """
@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,57 +75,6 @@ def _image_reference(state: Any, task: int) -> str:
 
 # --------------------------------------------------------------------------- metrics
 
-MetricsFn = Callable[[list[dict[str, Any]]], dict[str, float]]
-
-
-def _osv5m_metrics(records: list[dict[str, Any]]) -> dict[str, float]:
-    from vlmgym_envs.osv5m_metrics import osv5m_metrics
-
-    def coord(r: dict[str, Any], key: str) -> float:
-        value = (r["info"].get("parsed") or {}).get(key)
-        return float("nan") if value is None else float(value)
-
-    out = osv5m_metrics(
-        [coord(r, "latitude") for r in records],
-        [coord(r, "longitude") for r in records],
-        [r["state"]["truth"]["latitude"] for r in records],
-        [r["state"]["truth"]["longitude"] for r in records],
-    )
-    out["unparsed_coordinates"] = float(sum(math.isnan(coord(r, "latitude")) for r in records))
-    return out
-
-
-def _nlvr2_metrics(records: list[dict[str, Any]]) -> dict[str, float]:
-    return {
-        "accuracy": float(np.mean([bool(r["info"].get("correct")) for r in records])),
-        "unparseable": float(sum(r["info"].get("answer") is None for r in records)),
-        "ambiguous": float(sum(bool(r["info"].get("ambiguous")) for r in records)),
-    }
-
-
-def _caption_metrics(records: list[dict[str, Any]]) -> dict[str, float]:
-    kind = records[0]["info"].get("reward_kind", "cider") if records else "cider"
-    name = "cider_d" if kind == "cider" else kind
-    return {name: float(np.mean([r["reward"] for r in records]))}
-
-
-def _shapes_metrics(records: list[dict[str, Any]]) -> dict[str, float]:
-    by_kind: dict[str, list[bool]] = defaultdict(list)
-    for r in records:
-        by_kind[str(r["info"].get("kind"))].append(bool(r["info"].get("correct")))
-    out = {f"accuracy/{k}": float(np.mean(v)) for k, v in sorted(by_kind.items())}
-    out["accuracy"] = float(np.mean([c for v in by_kind.values() for c in v]))
-    out["format_ok"] = float(np.mean([bool(r["info"].get("format_ok")) for r in records]))
-    return out
-
-
-ENV_METRICS: dict[str, MetricsFn] = {
-    "OSV5MEnv": _osv5m_metrics,
-    "NLVR2Env": _nlvr2_metrics,
-    "CaptionEnv": _caption_metrics,
-    "ShapesEnv": _shapes_metrics,
-}
-
 
 def _success(record: dict[str, Any]) -> bool:
     """A sample counts for pass@k when the env says it is correct, else when reward >= 1."""
@@ -142,8 +89,7 @@ def compute_metrics(env: Env, records: list[dict[str, Any]], num_samples: int) -
     if not records:
         raise ValueError("no evaluation records to compute metrics from")
     first = [r for r in records if r["sample"] == 0]
-    fn = ENV_METRICS.get(type(env).__name__)
-    metrics = fn(first) if fn else {}
+    metrics = dict(env.metrics(first))
     metrics["reward/mean"] = float(np.mean([r["reward"] for r in records]))
     metrics["tasks"] = float(len(first))
     if num_samples > 1:
@@ -270,53 +216,16 @@ def evaluate(
 
 
 def write_plots(env: Env, records: list[dict[str, Any]], out: Path) -> list[Path]:
-    """The plots for this env: a world map for osv5m, a reward histogram otherwise."""
+    """The env's own plots of the first samples (`Env.plots`); a reward histogram of every
+    sample when it draws none."""
+    written = env.plots([r for r in records if r["sample"] == 0], out)
+    if written:
+        return written
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
-    first = [r for r in records if r["sample"] == 0]
-    if type(env).__name__ == "OSV5MEnv":
-        fig, ax = plt.subplots(figsize=(10, 5))
-        ax.set_xlim(-180, 180)
-        ax.set_ylim(-90, 90)
-        ax.set_xlabel("longitude")
-        ax.set_ylabel("latitude")
-        ax.set_title("guesses (x) against truths (o)")
-        ax.grid(alpha=0.3)
-        dists = []
-        for r in first:
-            truth = r["state"]["truth"]
-            parsed = r["info"].get("parsed") or {}
-            lat, lon = parsed.get("latitude"), parsed.get("longitude")
-            ax.plot(truth["longitude"], truth["latitude"], "o", color="tab:green", ms=3)
-            if lat is None or lon is None:
-                continue
-            ax.plot(lon, lat, "x", color="tab:red", ms=3)
-            ax.plot(
-                [truth["longitude"], lon],
-                [truth["latitude"], lat],
-                "-",
-                color="grey",
-                lw=0.5,
-                alpha=0.6,
-            )
-            if r["info"].get("distance_km") is not None:
-                dists.append(float(r["info"]["distance_km"]))
-        fig.savefig(out / "world_scatter.png", dpi=120, bbox_inches="tight")
-        plt.close(fig)
-        written.append(out / "world_scatter.png")
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.hist(dists or [0.0], bins=30, color="tab:blue")
-        ax.set_xlabel("distance to truth (km)")
-        ax.set_ylabel("images")
-        ax.set_title("distance histogram")
-        fig.savefig(out / "distance_hist.png", dpi=120, bbox_inches="tight")
-        plt.close(fig)
-        written.append(out / "distance_hist.png")
-        return written
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.hist([r["reward"] for r in records], bins=20, color="tab:blue")
     ax.set_xlabel("reward")
@@ -324,5 +233,4 @@ def write_plots(env: Env, records: list[dict[str, Any]], out: Path) -> list[Path
     ax.set_title(f"reward histogram ({type(env).__name__})")
     fig.savefig(out / "reward_hist.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
-    written.append(out / "reward_hist.png")
-    return written
+    return [out / "reward_hist.png"]
