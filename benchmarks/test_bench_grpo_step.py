@@ -49,10 +49,11 @@ import numpy as np
 import pytest
 import vlmgym_envs
 from vlmgym_envs import Env, Observation, StepResult, user_message
+from vlmgym_model import CompletionStatics, compute_logprobs
 from vlmgym_model.host_malloc import malloc_in_use, tune_glibc_malloc
 from vlmgym_train.config import TrainConfig
 from vlmgym_train.optim import cast_for_compute
-from vlmgym_train.policy import PolicyStatics, compute_logprobs, to_policy_inputs
+from vlmgym_train.policy import to_policy_inputs
 from vlmgym_train.rollout import image_layout_arrays
 from vlmgym_train.trainer import Trainer
 
@@ -128,7 +129,7 @@ def bare_matmul_flops_per_s(M: int, D: int, F: int, dtype: Any, reps: int = 20) 
 
 def forward_seconds(trainer: Trainer, inputs: Any, bounds: dict[str, int], T: int) -> float:
     """Wall time of a forward-only log-prob pass over a batch (compiled first, not timed)."""
-    statics = PolicyStatics(prompt_len=T, impl=trainer.cfg.attention_impl, **bounds)
+    statics = CompletionStatics(prompt_len=T, impl=trainer.cfg.attention_impl, **bounds)
     params = cast_for_compute(trainer.state.params, trainer.compute_dtype)
     placed = trainer._place_inputs(inputs)
 

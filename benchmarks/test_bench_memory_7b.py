@@ -30,12 +30,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from vlmgym_model import Qwen2_5_VLConfig, abstract_params, param_specs
+from vlmgym_model import (
+    CompletionInputs,
+    CompletionStatics,
+    Qwen2_5_VLConfig,
+    abstract_params,
+    param_specs,
+)
 from vlmgym_model.qwen2_5_vl.vision import vision_layout
 from vlmgym_train.checkpointing import TrainState
 from vlmgym_train.losses import LossConfig
 from vlmgym_train.optim import OptimConfig, make_optimizer
-from vlmgym_train.policy import PolicyInputs, PolicyStatics
 from vlmgym_train.trainer import LossArrays, train_step
 
 CONFIG = Path(__file__).parents[1] / "tests/fixtures/configs/qwen2_5_vl_7b.json"
@@ -51,7 +56,7 @@ def _sds(x: np.ndarray) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(x.shape, x.dtype)
 
 
-def _abstract_batch(config: Qwen2_5_VLConfig) -> tuple[PolicyInputs, LossArrays, dict]:
+def _abstract_batch(config: Qwen2_5_VLConfig) -> tuple[CompletionInputs, LossArrays, dict]:
     """The shapes `build_batch` + `to_policy_inputs` produce for GROUPS x GROUP_SIZE rows."""
     R, S = GROUPS * GROUP_SIZE, PROMPT + NEW
     grids = np.tile([1, GRID, GRID], (GROUPS, 1))  # one image per prompt (group)
@@ -65,7 +70,7 @@ def _abstract_batch(config: Qwen2_5_VLConfig) -> tuple[PolicyInputs, LossArrays,
     }
     K = R * GRID * GRID // config.vision.merge_unit  # image placeholders over all rows
     i32 = jnp.int32
-    inputs = PolicyInputs(
+    inputs = CompletionInputs(
         input_ids=jax.ShapeDtypeStruct((R, S), i32),
         segment_ids=jax.ShapeDtypeStruct((R, S), i32),
         positions=jax.ShapeDtypeStruct((3, R, S), i32),
@@ -97,7 +102,7 @@ def test_bench_memory_7b(benchmark, optimizer, remat):
     params = abstract_params(param_specs(config), jnp.float32)  # fp32 master weights
     state = jax.eval_shape(lambda p: TrainState.create(p, tx, jax.random.key(0)), params)
     inputs, arrays, bounds = _abstract_batch(config)
-    statics = PolicyStatics(prompt_len=PROMPT, remat=remat, **bounds)
+    statics = CompletionStatics(prompt_len=PROMPT, remat=remat, **bounds)
     step = jax.jit(
         functools.partial(
             train_step,

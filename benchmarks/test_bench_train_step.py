@@ -33,9 +33,10 @@ from typing import Any
 
 import jax
 import pytest
+from vlmgym_model import CompletionStatics, compute_logprobs
 from vlmgym_train.config import TrainConfig
 from vlmgym_train.optim import cast_for_compute
-from vlmgym_train.policy import PolicyStatics, compute_logprobs, to_policy_inputs
+from vlmgym_train.policy import to_policy_inputs
 from vlmgym_train.rollout import image_layout_arrays
 from vlmgym_train.trainer import Trainer
 
@@ -64,7 +65,7 @@ def _logprob_seconds(trainer: Trainer, prepared: Any) -> float:
     inputs, bounds = to_policy_inputs(
         batch, image_layout_arrays(trainer.config, batch.image_grid_thw)
     )
-    statics = PolicyStatics(
+    statics = CompletionStatics(
         prompt_len=batch.prompt_len,
         impl=cfg.attention_impl,
         remat=cfg.remat,

@@ -23,13 +23,13 @@ import jax
 import numpy as np
 import pytest
 from vlmgym_envs import Env, Observation, StepResult, user_message
-from vlmgym_model import Processor, load_model
+from vlmgym_model import CompletionStatics, Processor, load_model
 from vlmgym_model.sampling import Sampler, SamplingParams
 from vlmgym_train.advantages import grpo
 from vlmgym_train.checkpointing import TrainState
 from vlmgym_train.losses import LossConfig
 from vlmgym_train.optim import OptimConfig, make_optimizer
-from vlmgym_train.policy import PolicyStatics, to_policy_inputs
+from vlmgym_train.policy import to_policy_inputs
 from vlmgym_train.rollout import build_batch, image_layout_arrays, run_groups
 from vlmgym_train.trainer import LossArrays, train_step
 
@@ -89,7 +89,7 @@ def test_three_grpo_steps(loss: str, impl: str, real_dirs, real_batch) -> None:
     # Fresh params, donated to the step as the trainer does: one copy of the params and
     # moments in memory (AdamW on 630M fp32 params is 7.5 GB already).
     _, params = load_model(real_dirs.model_dir, dtype=jax.numpy.float32)
-    statics = PolicyStatics(prompt_len=prompt_len, impl=impl, **bounds)
+    statics = CompletionStatics(prompt_len=prompt_len, impl=impl, **bounds)
     # One clip range for all: GSPO's usual (3e-4, 4e-4) would clip every sequence after
     # the first update at this learning rate, and then no gradient is left to check.
     loss_cfg = LossConfig(clip_low=0.2, clip_high=0.28, aggregation="token_mean")

@@ -7,8 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import vlmgym_envs
-from vlmgym_model import Processor, Sampler, SamplingParams, forward, load_model
-from vlmgym_train.policy import PolicyStatics, compute_logprobs, slice_rows, to_policy_inputs
+from vlmgym_model import (
+    CompletionStatics,
+    Processor,
+    Sampler,
+    SamplingParams,
+    compute_logprobs,
+    forward,
+    load_model,
+)
+from vlmgym_train.policy import slice_rows, to_policy_inputs
 from vlmgym_train.rollout import (
     build_batch,
     image_layout_arrays,
@@ -46,7 +54,7 @@ def test_rows_reproduce_the_samplers_logprobs(setup, tol):
     assert inputs.prompt_ids.shape == (2, 64)
     np.testing.assert_array_equal(inputs.row_prompt, [0, 0, 0, 1, 1, 1])
     np.testing.assert_array_equal(np.unique(np.asarray(inputs.image_rows)), [0, 1])
-    statics = PolicyStatics(prompt_len=batch.prompt_len, logprob_chunk=5, **bounds)
+    statics = CompletionStatics(prompt_len=batch.prompt_len, logprob_chunk=5, **bounds)
     with jax.default_matmul_precision("highest"):
         logp, entropy = compute_logprobs(params, inputs, config=config, statics=statics)
     m = batch.mask.astype(bool)

@@ -7,6 +7,9 @@ when a JAX-backed name is first used):
 - `Qwen2_5_VLConfig` (+ `TextConfig`, `VisionConfig`), read from HF's config.json
 - `Processor` (tokenizer + chat template + images), `preprocess_images`
 - `Sampler`, `SamplingParams`: batched generation with a KV cache and group sampling
+- `completion_logprobs(params, config, CompletionInputs, CompletionStatics)`: training's
+  forward pass (log-probs and entropies of completions, each prompt run once per group);
+  `token_logprobs` (chunked log-softmax), `compute_logprobs` (jitted, no gradients)
 - `ShardingRules`, `make_mesh`: logical axes -> the ("data", "fsdp", "tensor") mesh
 """
 
@@ -33,6 +36,14 @@ _EXPORTS: dict[str, str] = {
     "init_random_params": "vlmgym_model.qwen2_5_vl.model",
     "param_specs": "vlmgym_model.qwen2_5_vl.model",
     "get_rope_index": "vlmgym_model.qwen2_5_vl.rope",
+    # training's forward pass
+    "CompletionInputs": "vlmgym_model.logprobs",
+    "CompletionStatics": "vlmgym_model.logprobs",
+    "completion_logprobs": "vlmgym_model.logprobs",
+    "compute_logprobs": "vlmgym_model.logprobs",
+    "token_logprobs": "vlmgym_model.logprobs",
+    "einsum": "vlmgym_model.matmul",
+    "vision_layout": "vlmgym_model.qwen2_5_vl.vision",
     # processing
     "Processor": "vlmgym_model.processing",
     "compile_chat_template": "vlmgym_model.processing",
@@ -46,6 +57,13 @@ _EXPORTS: dict[str, str] = {
     "Sample": "vlmgym_model.sampling",
     "Sampler": "vlmgym_model.sampling",
     "SamplingParams": "vlmgym_model.sampling",
+    # command lines and the host
+    "parse_args": "vlmgym_model.cli",
+    "is_large_checkpoint": "vlmgym_model.host_malloc",
+    "malloc_in_use": "vlmgym_model.host_malloc",
+    "tune_for_checkpoint": "vlmgym_model.host_malloc",
+    "tune_glibc_malloc": "vlmgym_model.host_malloc",
+    "write_tiny_model": "vlmgym_model.tiny",
     # sharding and weights
     "MESH_AXES": "vlmgym_model.sharding",
     "ShardingRules": "vlmgym_model.sharding",

@@ -6,13 +6,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from vlmgym_model.cli import parse_args
-from vlmgym_model.host_malloc import (
-    ENV_SWITCH,
-    is_large_checkpoint,
-    malloc_in_use,
-    tune_for_checkpoint,
-)
+from vlmgym_model import is_large_checkpoint, malloc_in_use, parse_args, tune_for_checkpoint
 
 from vlmgym_train.config import TrainConfig
 
@@ -36,7 +30,7 @@ def main(argv: Sequence[str] | None = None, *, tune_malloc: bool = False) -> int
     large = is_large_checkpoint(cfg.model_dir)
     if jax.default_backend() == "cpu" and large and malloc_in_use() == "glibc":
         print(
-            f"vlmgym-train: tip: glibc's malloc runs at its defaults ({ENV_SWITCH}=0, or not "
+            "vlmgym-train: tip: glibc's malloc runs at its defaults (VLMGYM_TUNE_MALLOC=0, or not "
             "through the vlmgym-train program), so every update page-faults its memory in "
             "again; updates of the 0.5B model ran 1.9x faster with it tuned and 2.5x with "
             "tcmalloc (LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4)",

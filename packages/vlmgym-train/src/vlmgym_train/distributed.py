@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from vlmgym_model.sharding import MESH_AXES
+from vlmgym_model import MESH_AXES
 
 # Environment variables that mark a multi-process launch JAX can detect by itself
 # (`jax.distributed.initialize()` with no arguments reads the rest from the cluster).

@@ -8,8 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from vlmgym_model.cli import parse_args
-from vlmgym_model.host_malloc import tune_for_checkpoint
+from vlmgym_model import parse_args, tune_for_checkpoint
 
 
 def _f(default: Any, help: str) -> Any:

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from vlmgym_envs import Env
-from vlmgym_model.sampling import Sampler, SamplingParams
+from vlmgym_model import Sampler, SamplingParams
 
 from vlmgym_train.jsonable import jsonable
 

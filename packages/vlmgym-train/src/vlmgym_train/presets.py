@@ -63,7 +63,7 @@ def write_tiny_preset(
     vision_init_scale: float = TINY_VISION_INIT_SCALE,
 ) -> Path:
     """Write the tiny preset's model directory for `env` (tokenizer, config, random params)."""
-    from vlmgym_model.tiny import write_tiny_model
+    from vlmgym_model import write_tiny_model
 
     return write_tiny_model(
         directory,

@@ -22,9 +22,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from vlmgym_envs import Env, Observation, StepResult
-from vlmgym_model.qwen2_5_vl.config import Qwen2_5_VLConfig
-from vlmgym_model.qwen2_5_vl.vision import vision_layout
-from vlmgym_model.sampling import Generation, Sample, Sampler, SamplingParams
+from vlmgym_model import (
+    Generation,
+    Qwen2_5_VLConfig,
+    Sample,
+    Sampler,
+    SamplingParams,
+    vision_layout,
+)
 
 from vlmgym_train.jsonable import jsonable
 

@@ -1,13 +1,14 @@
 """The GRPO-family training loop: rollouts -> advantages -> clipped policy updates.
 
-One step, as data flows (see DESIGN.md):
+One step, as data flows:
 
     tasks of the step (a seeded permutation of the env, position checkpointed)
     -> Sampler.generate: one prefill per task, `group_size` samples, behaviour log-probs
     -> env.step on each completion's text: rewards and info
     -> advantages per group (dynamic sampling drops groups of equal rewards and refills)
     -> `ppo_epochs` x `minibatches` jitted updates: log-probs recomputed under the current
-       params in chunks, the registered loss, a NaN-skipping optax update
+       params (`vlmgym_model.completion_logprobs`), the registered loss, a NaN-skipping
+       optax update
     -> the same params pytree feeds the next rollout (no copy when compute dtype = params').
 
 Everything random derives from (seed, step), so a killed run resumed from its last
@@ -32,11 +33,21 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 from vlmgym_envs import Env
 from vlmgym_envs import make as make_env
-from vlmgym_model import Processor, load_model, param_specs, save_model
-from vlmgym_model.qwen2_5_vl.config import Qwen2_5_VLConfig
-from vlmgym_model.sampling import Sampler, SamplingParams
-from vlmgym_model.sharding import ShardingRules
-from vlmgym_model.weights import param_shardings
+from vlmgym_model import (
+    CompletionInputs,
+    CompletionStatics,
+    Processor,
+    Qwen2_5_VLConfig,
+    Sampler,
+    SamplingParams,
+    ShardingRules,
+    completion_logprobs,
+    compute_logprobs,
+    load_model,
+    param_shardings,
+    param_specs,
+    save_model,
+)
 
 from vlmgym_train import distributed
 from vlmgym_train.advantages import dynamic_sampling_mask, get_advantage
@@ -59,10 +70,6 @@ from vlmgym_train.optim import (
     trainable_by_name,
 )
 from vlmgym_train.policy import (
-    PolicyInputs,
-    PolicyStatics,
-    compute_logprobs,
-    policy_logprobs,
     slice_rows,
     to_policy_inputs,
 )
@@ -95,12 +102,12 @@ class LossArrays:
 
 def train_step(
     state: TrainState,
-    inputs: PolicyInputs,
+    inputs: CompletionInputs,
     arrays: LossArrays,
     *,
     tx: optax.GradientTransformation,
     config: Qwen2_5_VLConfig,
-    statics: PolicyStatics,
+    statics: CompletionStatics,
     loss_name: str,
     loss_cfg: LossConfig,
     compute_dtype: Any,
@@ -109,7 +116,7 @@ def train_step(
     loss_fn = get_loss(loss_name)
 
     def objective(params: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
-        logp, entropy = policy_logprobs(
+        logp, entropy = completion_logprobs(
             cast_for_compute(params, compute_dtype), config, inputs, statics
         )
         batch = LossInputs(
@@ -302,7 +309,7 @@ class Trainer:
         distributed.sync("vlmgym_train:init_model")
         return target
 
-    def _step_fn(self, statics: PolicyStatics) -> Any:
+    def _step_fn(self, statics: CompletionStatics) -> Any:
         key = (statics,)
         if key not in self._steps:
             self._steps[key] = jax.jit(
@@ -331,9 +338,9 @@ class Trainer:
         spec = self.rules.partition_spec(axes, np.shape(x), self.mesh)
         return distributed.put(x, self.mesh, spec)
 
-    def _place_inputs(self, inputs: PolicyInputs) -> PolicyInputs:
+    def _place_inputs(self, inputs: CompletionInputs) -> CompletionInputs:
         p = self._place
-        return PolicyInputs(
+        return CompletionInputs(
             prompt_ids=p(inputs.prompt_ids, 0),
             prompt_segment_ids=p(inputs.prompt_segment_ids, 0),
             prompt_positions=p(inputs.prompt_positions, 1),
@@ -468,7 +475,7 @@ class Trainer:
         inputs, bounds = to_policy_inputs(
             batch, layout, asarray=np.asarray, prompt_slots=cfg.groups_per_batch
         )
-        statics = PolicyStatics(
+        statics = CompletionStatics(
             prompt_len=batch.prompt_len,
             impl=cfg.attention_impl,
             remat=cfg.remat,

@@ -1,4 +1,4 @@
-"""`policy.token_logprobs`: chunked log-probs and entropies, and their hand-written backward
+"""`vlmgym_model.token_logprobs`: chunked log-probs and entropies, and their hand-written backward
 rule, against a direct log-softmax over the full logits and JAX's autodiff of it."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from vlmgym_train.policy import token_logprobs
+from vlmgym_model import token_logprobs
 
 R, N, D, V = 3, 5, 16, 40
 
