@@ -79,8 +79,8 @@ def test_builtin_names_and_aliases():
     assert names["osv5m"] == ["geoguessr"]
     assert names["caption"] == ["vision"]
     assert {"nlvr2", "shapes"} <= set(names)
-    from vlmgym_envs.caption import CaptionEnv
-    from vlmgym_envs.osv5m import OSV5MEnv
+    from vlmgym_envs.caption.env import CaptionEnv
+    from vlmgym_envs.geoguessr.env import OSV5MEnv
 
     assert vlmgym_envs.resolve("GeoGuessr") is OSV5MEnv
     assert vlmgym_envs.resolve("vision") is CaptionEnv

@@ -14,7 +14,7 @@ from fixtures.datasets import OSV_COLUMNS, OSV_ROWS, jpeg, write_osv5m
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from vlmgym_envs import DataError, UnsafeArchiveError, extract_zip
-from vlmgym_envs.cider import CiderD, keyword_reward, keywords, tokenize_caption
+from vlmgym_envs.caption.cider import CiderD, keyword_reward, keywords, tokenize_caption
 
 
 def test_osv5m_end_to_end(tmp_path):
@@ -44,7 +44,7 @@ def test_osv5m_end_to_end(tmp_path):
 
 def test_osv5m_curriculum_stage_fixed_at_reset(tmp_path):
     write_osv5m(tmp_path)
-    from vlmgym_envs.geo_reward import CurriculumConfig
+    from vlmgym_envs.geoguessr.reward import CurriculumConfig
 
     env = vlmgym_envs.make(
         "osv5m", data_dir=tmp_path, curriculum=CurriculumConfig(mode="steps", stage_steps=(1, 2, 3))

@@ -8,8 +8,17 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from vlmgym_envs.geo_answer import GeoGuess, parse_geo_answer
-from vlmgym_envs.geo_reward import (
+from vlmgym_envs.geoguessr.answer import GeoGuess, parse_geo_answer
+from vlmgym_envs.geoguessr.geography import (
+    country_code,
+    geoscore,
+    haversine_km,
+    normalize_name,
+    reverse_geocode,
+    same_admin_name,
+)
+from vlmgym_envs.geoguessr.metrics import MAX_DISTANCE_KM, OSV5MMetrics, osv5m_metrics
+from vlmgym_envs.geoguessr.reward import (
     STAGE_WEIGHTS,
     Curriculum,
     CurriculumConfig,
@@ -18,15 +27,6 @@ from vlmgym_envs.geo_reward import (
     score_levels,
     stage_reward,
 )
-from vlmgym_envs.geography import (
-    country_code,
-    geoscore,
-    haversine_km,
-    normalize_name,
-    reverse_geocode,
-    same_admin_name,
-)
-from vlmgym_envs.osv5m_metrics import MAX_DISTANCE_KM, OSV5MMetrics, osv5m_metrics
 
 PARIS = (48.8566, 2.3522)
 BERLIN = (52.5200, 13.4050)

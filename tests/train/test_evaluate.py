@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import vlmgym_envs
 from fixtures.datasets import write_osv5m
-from vlmgym_envs.osv5m_metrics import osv5m_metrics
+from vlmgym_envs.geoguessr.metrics import osv5m_metrics
 from vlmgym_model import Processor, Sampler, load_model
 from vlmgym_train.eval_cli import main as eval_main
 from vlmgym_train.evaluate import EvalConfig, compute_metrics, evaluate, write_plots

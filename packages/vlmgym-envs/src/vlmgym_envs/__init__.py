@@ -7,9 +7,14 @@
 
 Importing this package loads no dataset, table or heavy dependency; each environment module
 is imported by `make` on first use.
+
+Layout: `core` (the `Env` API), `registry` (`make`), `answers` (answer parsers the tasks
+share), one module or folder per task (`shapes`, `wordcount`, `nlvr2`, `geoguessr/`:
+env, answer, reward, geography, metrics; `caption/`: env, cider), and `data/` (archives,
+tables, the Hugging Face hub cache). A task owns its evaluation metrics and plots
+(`Env.metrics`, `Env.plots`).
 """
 
-from vlmgym_envs.archives import DataError, UnsafeArchiveError, extract_zip
 from vlmgym_envs.core import (
     Env,
     Message,
@@ -19,6 +24,7 @@ from vlmgym_envs.core import (
     system_message,
     user_message,
 )
+from vlmgym_envs.data.archives import DataError, UnsafeArchiveError, extract_zip
 from vlmgym_envs.registry import available, make, register, resolve, unregister
 
 __all__ = [

@@ -23,10 +23,10 @@ import numpy as np
 from PIL import Image
 
 from vlmgym_envs.answers import parse_bool
-from vlmgym_envs.archives import DataError
 from vlmgym_envs.core import Env, Observation, StepResult, system_message, user_message
-from vlmgym_envs.osv5m import hub_cache_dirs
-from vlmgym_envs.tables import ParquetRows, find_split_files, load_from_disk_rows
+from vlmgym_envs.data.archives import DataError
+from vlmgym_envs.data.hub import hub_cache_dirs
+from vlmgym_envs.data.tables import ParquetRows, find_split_files, load_from_disk_rows
 
 HUB_REPO = "HuggingFaceM4/NLVR2"
 TEXT_COLUMNS: tuple[str, ...] = ("identifier", "sentence", "label")

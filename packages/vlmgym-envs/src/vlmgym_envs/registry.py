@@ -23,9 +23,9 @@ F = TypeVar("F", bound=EnvFactory)
 
 # name -> factory, or "module:attribute" resolved on first use.
 _FACTORIES: dict[str, EnvFactory | str] = {
-    "osv5m": "vlmgym_envs.osv5m:OSV5MEnv",
+    "osv5m": "vlmgym_envs.geoguessr.env:OSV5MEnv",
     "nlvr2": "vlmgym_envs.nlvr2:NLVR2Env",
-    "caption": "vlmgym_envs.caption:CaptionEnv",
+    "caption": "vlmgym_envs.caption.env:CaptionEnv",
     "shapes": "vlmgym_envs.shapes:ShapesEnv",
     "wordcount": "vlmgym_envs.wordcount:WordCountEnv",
 }

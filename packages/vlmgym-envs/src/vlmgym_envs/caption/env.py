@@ -27,10 +27,10 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-from vlmgym_envs.archives import DataError, check_member_name, decode_image
-from vlmgym_envs.cider import CiderD, keyword_reward
+from vlmgym_envs.caption.cider import CiderD, keyword_reward
 from vlmgym_envs.core import Env, Observation, StepResult, system_message, user_message
-from vlmgym_envs.tables import ParquetRows, find_split_files
+from vlmgym_envs.data.archives import DataError, check_member_name, decode_image
+from vlmgym_envs.data.tables import ParquetRows, find_split_files
 
 CAPTION_PROMPT = "Describe this image in one sentence."
 IMAGE_COLUMN_NAMES: tuple[str, ...] = ("image", "img", "jpg")

@@ -19,7 +19,7 @@ from typing import Any
 
 from PIL import Image
 
-from vlmgym_envs.archives import DataError, decode_image
+from vlmgym_envs.data.archives import DataError, decode_image
 
 
 def find_split_files(root: str | os.PathLike[str], split: str) -> list[Path]:

@@ -235,7 +235,7 @@ def _key_value_fields(s: str) -> dict[str, str]:
 
 def _prose_country(s: str) -> str | None:
     """The last country name (4+ characters, up to 4 words) mentioned in prose."""
-    from vlmgym_envs.geography import country_aliases_for_prose, normalize_name
+    from vlmgym_envs.geoguessr.geography import country_aliases_for_prose, normalize_name
 
     aliases = country_aliases_for_prose()
     words = normalize_name(s[-4000:]).split()

@@ -26,10 +26,11 @@ from typing import Any, Literal
 
 from PIL import Image
 
-from vlmgym_envs.archives import DataError, ImageIndex
 from vlmgym_envs.core import Env, Observation, StepResult, system_message, user_message
-from vlmgym_envs.geo_answer import GEO_ANSWER_FORMAT, parse_geo_answer
-from vlmgym_envs.geo_reward import Curriculum, CurriculumConfig, GeoTruth, geo_reward
+from vlmgym_envs.data.archives import DataError, ImageIndex
+from vlmgym_envs.data.hub import find_hub_snapshot, hub_cache_dirs
+from vlmgym_envs.geoguessr.answer import GEO_ANSWER_FORMAT, parse_geo_answer
+from vlmgym_envs.geoguessr.reward import Curriculum, CurriculumConfig, GeoTruth, geo_reward
 
 HUB_REPO = "osv5m/osv5m"
 REQUIRED_COLUMNS: tuple[str, ...] = (
@@ -41,33 +42,6 @@ GEO_PROMPT = (
     "signs, architecture and driving side. Answer in exactly this format, one field per "
     "line:\n" + GEO_ANSWER_FORMAT
 )
-
-
-def hub_cache_dirs() -> list[Path]:
-    """The Hugging Face hub cache folders to search, in order."""
-    dirs = []
-    if os.environ.get("HF_HUB_CACHE"):
-        dirs.append(Path(os.environ["HF_HUB_CACHE"]))
-    if os.environ.get("HF_HOME"):
-        dirs.append(Path(os.environ["HF_HOME"]) / "hub")
-    dirs.append(Path.home() / ".cache" / "huggingface" / "hub")
-    return dirs
-
-
-def find_hub_snapshot(repo_id: str, required: str) -> Path | None:
-    """The newest cached snapshot folder of dataset `repo_id` holding `required`, or None."""
-    folder = "datasets--" + repo_id.replace("/", "--")
-    best: tuple[float, Path] | None = None
-    for cache in hub_cache_dirs():
-        snapshots = cache / folder / "snapshots"
-        if not snapshots.is_dir():
-            continue
-        for snapshot in snapshots.iterdir():
-            if (snapshot / required).exists():
-                mtime = snapshot.stat().st_mtime
-                if best is None or mtime > best[0]:
-                    best = (mtime, snapshot)
-    return None if best is None else best[1]
 
 
 def resolve_data_dir(data_dir: str | os.PathLike[str] | None, split: str, download: bool) -> Path:
@@ -274,7 +248,7 @@ class OSV5MEnv(Env[OSV5MState]):
     def metrics(self, records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
         """OSV-5M's official metrics (`osv5m_metrics`) and `unparsed_coordinates`, the count
         of answers without a readable coordinate pair."""
-        from vlmgym_envs.osv5m_metrics import osv5m_metrics
+        from vlmgym_envs.geoguessr.metrics import osv5m_metrics
 
         guesses = [_guess(r) for r in records]
         out = osv5m_metrics(

@@ -25,7 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from vlmgym_envs.geography import EARTH_RADIUS_KM, Place, geoscore, haversine_km, reverse_geocode
+from vlmgym_envs.geoguessr.geography import (
+    EARTH_RADIUS_KM,
+    Place,
+    geoscore,
+    haversine_km,
+    reverse_geocode,
+)
 
 DISTANCE_THRESHOLDS_KM: tuple[int, ...] = (1, 25, 200, 750, 2500)
 ACCURACY_LEVELS: tuple[str, ...] = ("country", "region", "area", "city")

@@ -37,8 +37,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from vlmgym_envs.geo_answer import GeoGuess
-from vlmgym_envs.geography import (
+from vlmgym_envs.geoguessr.answer import GeoGuess
+from vlmgym_envs.geoguessr.geography import (
     GEOSCORE_MAX,
     country_code,
     geonames,

@@ -1,0 +1,3 @@
+"""Readers the environments share: safe archive extraction and image decoding
+(`archives`), Parquet / CSV / `datasets` tables (`tables`), the Hugging Face hub cache
+(`hub`)."""
