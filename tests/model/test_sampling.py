@@ -9,13 +9,8 @@ import pytest
 from vlmgym_model import Qwen2_5_VLConfig, init_random_params
 from vlmgym_model.qwen2_5_vl.decoding import _write_slot, prefill
 from vlmgym_model.qwen2_5_vl.model import forward_tokens
-from vlmgym_model.sampling import (
-    Sampler,
-    SamplingParams,
-    categorical_inverse_cdf,
-    cdf_chunk,
-    sample_tokens,
-)
+from vlmgym_model.sampling import Sampler, SamplingParams
+from vlmgym_model.sampling_math import categorical_inverse_cdf, cdf_chunk, sample_tokens
 
 RAW = {
     "model_type": "qwen2_5_vl",

@@ -17,7 +17,8 @@ from fixtures.tokenizer import QWEN2_5_VL_CHAT_TEMPLATE, write_tiny_tokenizer
 from PIL import Image
 from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
-from vlmgym_model.processing import Processor, compile_chat_template
+from vlmgym_model.chat_template import compile_chat_template
+from vlmgym_model.processing import Processor
 
 MAX_PIXELS = 28 * 28 * 64  # keeps image token counts small (at most 64 per image)
 

@@ -46,8 +46,8 @@ _EXPORTS: dict[str, str] = {
     "vision_layout": "vlmgym_model.qwen2_5_vl.vision",
     # processing
     "Processor": "vlmgym_model.processing",
-    "compile_chat_template": "vlmgym_model.processing",
-    "load_chat_template": "vlmgym_model.processing",
+    "compile_chat_template": "vlmgym_model.chat_template",
+    "load_chat_template": "vlmgym_model.chat_template",
     "ImageProcessor": "vlmgym_model.qwen2_5_vl.image_processing",
     "ImageProcessorConfig": "vlmgym_model.qwen2_5_vl.image_processing",
     "preprocess_images": "vlmgym_model.qwen2_5_vl.image_processing",

@@ -2,12 +2,8 @@
 
 What is notable here:
 - The tokenizer is the model's own `tokenizer.json`, run by the `tokenizers` library.
-- The chat template is the model's own Jinja template, rendered the way HF renders it: a sandboxed
-  environment with `trim_blocks` and `lstrip_blocks`, the `loopcontrols` extension, a
-  `{% generation %}` tag, HF's `tojson` filter (no HTML escaping), `raise_exception`,
-  `strftime_now`, and the named special tokens (`eos_token`, `pad_token`...) as variables.
-  Messages are handed to the template as plain JSON-like data: images become the placeholder
-  strings `"<Image>"` / `"<ndarray>"`, keys whose value is None are dropped.
+- The chat template is the model's own Jinja template, rendered as HF renders it
+  (`vlmgym_model.chat_template`).
 - Each `<|image_pad|>` in the prompt expands to its image's merged-token count,
   `t * h * w / merge_size**2`. The expansion is done on token ids, after tokenising the prompt
   with one placeholder per image: the placeholder is an added token, so the text around it
@@ -20,13 +16,10 @@ return_dict=True)` (ids, mask, `mm_token_type_ids`, pixels, grids); tests/parity
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
-from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import jinja2
 import jinja2.ext
@@ -35,10 +28,20 @@ import jinja2.parser
 import jinja2.runtime
 import jinja2.utils
 import numpy as np
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from PIL import Image, ImageOps
 from tokenizers import Tokenizer
 
+from vlmgym_model.chat_template import (
+    NAMED_SPECIAL_TOKENS,
+    TOKENIZER_CONFIG_FILE,
+    Conversation,
+    compile_chat_template,
+    load_chat_template,
+    read_json,
+    template_data,
+    template_messages,
+    token_content,
+)
 from vlmgym_model.qwen2_5_vl.image_processing import (
     ImageLike,
     ImageProcessor,
@@ -46,224 +49,9 @@ from vlmgym_model.qwen2_5_vl.image_processing import (
 )
 
 TOKENIZER_FILE = "tokenizer.json"
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
-CHAT_TEMPLATE_JSON_FILE = "chat_template.json"
-CHAT_TEMPLATE_JINJA_FILE = "chat_template.jinja"
-
 IMAGE_TOKEN = "<|image_pad|>"
 VIDEO_TOKEN = "<|video_pad|>"
-
-# The named special tokens HF passes to chat templates as variables (when set).
-NAMED_SPECIAL_TOKENS = (
-    "bos_token",
-    "eos_token",
-    "unk_token",
-    "sep_token",
-    "pad_token",
-    "cls_token",
-    "mask_token",
-)
-
-Message = Mapping[str, Any]
-Conversation = Sequence[Message]
-
-
-# ----------------------------------------------------------------------------------------------
-# Chat template rendering
-
-
-class _GenerationTag(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}`: renders its body unchanged.
-
-    HF uses the tag to find assistant tokens for training masks; templates that contain it must
-    still parse here.
-    """
-
-    tags: ClassVar[set[str]] = {"generation"}
-
-    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_render_body"), [], [], body).set_lineno(
-            lineno
-        )
-
-    def _render_body(self, caller: Callable[[], str]) -> str:
-        return caller()
-
-
-class _TemplateNamespace(jinja2.utils.Namespace):
-    """`namespace(...)` that refuses underscore-prefixed attributes (no reach into internals)."""
-
-    def __init__(*args: Any, **kwargs: Any) -> None:
-        self, rest = args[0], args[1:]
-        attrs = dict(*rest, **kwargs)
-        for name in attrs:
-            _TemplateNamespace._check_name(name)
-        jinja2.utils.Namespace.__init__(self, attrs)
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        _TemplateNamespace._check_name(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
-
-    @staticmethod
-    def _check_name(name: Any) -> None:
-        if isinstance(name, str) and name.startswith("_"):
-            raise jinja2.exceptions.SecurityError(
-                f"chat templates may not set underscore-prefixed namespace attributes: {name!r}"
-            )
-
-
-class _TemplateDict:
-    """`dict(...)` for templates, without exposing the `dict` type itself."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
-        return dict(*args, **kwargs)
-
-    def fromkeys(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
-        return dict.fromkeys(*args, **kwargs)
-
-
-def _raise_exception(message: str) -> None:
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(
-    value: Any,
-    ensure_ascii: bool = False,
-    indent: int | None = None,
-    separators: tuple[str, str] | None = None,
-    sort_keys: bool = False,
-) -> str:
-    return json.dumps(
-        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-    )
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-def compile_chat_template(source: str) -> jinja2.Template:
-    """Compile a chat template in a sandbox set up as HF sets it up.
-
-    Raises:
-        jinja2.exceptions.TemplateSyntaxError: the template does not parse.
-    """
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    env.globals["dict"] = _TemplateDict()
-    env.globals["namespace"] = _TemplateNamespace
-    return env.from_string(source)
-
-
-def _template_data(value: Any) -> Any:
-    """Rebuild `value` from plain JSON-like types; anything else becomes `"<TypeName>"`.
-
-    The sandboxed template then never sees rich objects (images, arrays); templates only test
-    whether media keys are present, so the rendering is unchanged.
-    """
-    if value is None or type(value) in (str, int, float, bool):
-        return value
-    if isinstance(value, str):
-        return str.__str__(value)
-    if isinstance(value, int):
-        return int.__int__(value)
-    if isinstance(value, float):
-        return float.__float__(value)
-    if isinstance(value, Mapping):
-        return {_template_data(k): _template_data(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_template_data(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_template_data(v) for v in value)
-    if isinstance(value, np.generic):
-        return _template_data(value.item())
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _template_data(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    return f"<{type(value).__name__}>"
-
-
-_REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
-
-
-def _template_messages(conversation: Conversation) -> list[dict[str, Any]]:
-    """Messages as the template sees them: plain data, None values dropped, and a message's
-    reasoning offered under both `reasoning_content` and `thinking` (as HF offers it)."""
-    messages = []
-    for message in conversation:
-        if not isinstance(message, Mapping):
-            raise TypeError(f"each message must be a dict, got {type(message).__name__}")
-        plain = _template_data({k: v for k, v in message.items() if v is not None})
-        reasoning = next((plain[k] for k in _REASONING_KEYS if plain.get(k) is not None), None)
-        if reasoning is not None:
-            plain = {"thinking": reasoning, **plain, "reasoning_content": reasoning}
-        messages.append(plain)
-    return messages
-
-
-# ----------------------------------------------------------------------------------------------
-# Loading
-
-
-def _token_content(value: Any) -> str | None:
-    """A special token from tokenizer_config.json: a string, or an AddedToken dict."""
-    if value is None:
-        return None
-    if isinstance(value, Mapping):
-        return str(value["content"])
-    return str(value)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    return data
-
-
-def load_chat_template(model_dir: str | os.PathLike[str]) -> str:
-    """The model's chat template, looked up where HF looks for it.
-
-    Order: `chat_template.json` (`{"chat_template": ...}`), `chat_template.jinja`, then the
-    `chat_template` key of `tokenizer_config.json` (a string, or a list of `{name, template}`
-    from which "default" is taken).
-
-    Raises:
-        FileNotFoundError: none of these holds a template.
-    """
-    model_dir = Path(model_dir)
-    json_file = model_dir / CHAT_TEMPLATE_JSON_FILE
-    if json_file.is_file():
-        template = _read_json(json_file).get("chat_template")
-        if isinstance(template, str):
-            return template
-        raise ValueError(f"{json_file} has no string 'chat_template' entry")
-    jinja_file = model_dir / CHAT_TEMPLATE_JINJA_FILE
-    if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8")
-    config_file = model_dir / TOKENIZER_CONFIG_FILE
-    template = _read_json(config_file).get("chat_template") if config_file.is_file() else None
-    if isinstance(template, str):
-        return template
-    if isinstance(template, list):
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, Mapping)}
-        if isinstance(named.get("default"), str):
-            return named["default"]
-        raise ValueError(
-            f"{config_file} has several chat templates ({sorted(map(str, named))}) but none "
-            "named 'default'"
-        )
-    raise FileNotFoundError(
-        f"no chat template in {model_dir}: looked for {CHAT_TEMPLATE_JSON_FILE}, "
-        f"{CHAT_TEMPLATE_JINJA_FILE} and a 'chat_template' key in {TOKENIZER_CONFIG_FILE}"
-    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,14 +146,14 @@ class Processor:
             )
         tokenizer = Tokenizer.from_file(str(tokenizer_file))
         config_file = model_dir / TOKENIZER_CONFIG_FILE
-        tokenizer_config = _read_json(config_file) if config_file.is_file() else {}
+        tokenizer_config = read_json(config_file) if config_file.is_file() else {}
         special_tokens = {
-            name: _token_content(tokenizer_config.get(name)) for name in NAMED_SPECIAL_TOKENS
+            name: token_content(tokenizer_config.get(name)) for name in NAMED_SPECIAL_TOKENS
         }
         eos_token_ids: list[int] | None = None
         generation_file = model_dir / GENERATION_CONFIG_FILE
         if generation_file.is_file():
-            eos = _read_json(generation_file).get("eos_token_id")
+            eos = read_json(generation_file).get("eos_token_id")
             if eos is not None:
                 eos_token_ids = [int(eos)] if isinstance(eos, int) else [int(i) for i in eos]
         image_config = ImageProcessorConfig.from_model_dir(model_dir)
@@ -446,12 +234,12 @@ class Processor:
         """
         conversations, batched = _as_batch(messages)
         template = self._template()
-        variables = _template_data({**self.special_tokens, **template_kwargs})
+        variables = template_data({**self.special_tokens, **template_kwargs})
         rendered = [
             template.render(
-                messages=_template_messages(conversation),
-                tools=_template_data(list(tools)) if tools is not None else None,
-                documents=_template_data(list(documents)) if documents is not None else None,
+                messages=template_messages(conversation),
+                tools=template_data(list(tools)) if tools is not None else None,
+                documents=template_data(list(documents)) if documents is not None else None,
                 add_generation_prompt=add_generation_prompt,
                 **variables,
             )
