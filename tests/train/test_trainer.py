@@ -137,7 +137,7 @@ def test_minibatches_keep_rows_aligned_with_their_reference(tmp_path, minibatche
     cfg = TrainConfig(
         save_dir=str(tmp_path), groups_per_batch=2, group_size=4, num_generation_tokens=3,
         total_steps=1, ppo_epochs=2, minibatches=minibatches, kl_coef=0.1, lr=1e-12,
-        progress=False, seed=2,
+        progress=False, seed=2, save_interval=2,
     )  # fmt: skip
     trainer = Trainer(cfg)
     metrics = trainer.step(0)
@@ -148,3 +148,23 @@ def test_minibatches_keep_rows_aligned_with_their_reference(tmp_path, minibatche
     # Minibatches of rows from any prompts, and a second step: one compiled update.
     trainer.step(1)
     assert [fn._cache_size() for fn in trainer._steps.values()] == [1]
+    # --save_interval counts steps; checkpoints are numbered by optimizer updates.
+    trainer.save(1)
+    trainer.save(2)
+    trainer.checkpointer.wait()
+    assert trainer.checkpointer.all_steps() == [2 * cfg.updates_per_step]
+
+
+def test_overlong_penalty_reads_each_trajectorys_completion_length(tmp_path):
+    cfg = TrainConfig(
+        save_dir=str(tmp_path), groups_per_batch=2, group_size=4, num_generation_tokens=3,
+        overlong="penalty", overlong_buffer=2, progress=False, seed=3, temperature=1.0,
+    )  # fmt: skip
+    trainer = Trainer(cfg)
+    prepared = trainer.prepare(0)
+    lengths = prepared.batch.mask.sum(axis=1)  # one turn: one row per trajectory
+    assert [t.info["length"] for t in prepared.trajectories] == lengths.astype(int).tolist()
+    raw = np.array([t.reward for t in prepared.trajectories], np.float32)
+    penalty = np.clip((lengths - (3 - 2)) / 2, 0.0, 1.0)
+    np.testing.assert_allclose(prepared.rewards.reshape(-1), raw - penalty, atol=1e-6)
+    assert penalty.max() > 0, "no completion was long enough to test the penalty"

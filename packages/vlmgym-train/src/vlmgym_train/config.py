@@ -206,6 +206,15 @@ class TrainConfig:
         )
 
     @property
+    def updates_per_step(self) -> int:
+        """Optimizer updates in one training step (`ppo_epochs` x `minibatches`).
+
+        `total_steps`, `--save_interval` and the progress bar count training steps (one
+        rollout batch each); the optimizer's step count and the learning-rate schedule, and
+        so the checkpoints' step numbers, count updates."""
+        return self.ppo_epochs * self.minibatches
+
+    @property
     def advantage_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for the advantage estimator: the std settings it takes."""
         takes = inspect.signature(ADVANTAGES[self.advantage]).parameters

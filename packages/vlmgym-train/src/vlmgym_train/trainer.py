@@ -237,7 +237,7 @@ class Trainer:
             lr=cfg.lr,
             warmup_steps=cfg.warmup_steps,
             schedule=cfg.schedule,
-            total_steps=cfg.total_steps * cfg.ppo_epochs * cfg.minibatches,
+            total_steps=cfg.total_steps * cfg.updates_per_step,
             weight_decay=cfg.weight_decay,
             max_grad_norm=cfg.max_grad_norm,
         )
@@ -270,8 +270,11 @@ class Trainer:
             entropy_aggregation=cfg.entropy_aggregation,
         )
         self.advantage_fn = functools.partial(get_advantage(cfg.advantage), **cfg.advantage_kwargs)
+        # Checkpoints are numbered by optimizer updates; --save_interval counts steps.
         self.checkpointer = TrainCheckpointer(
-            ckpt_dir, max_to_keep=cfg.keep_checkpoints, save_interval=cfg.save_interval
+            ckpt_dir,
+            max_to_keep=cfg.keep_checkpoints,
+            save_interval=cfg.save_interval * cfg.updates_per_step,
         )
         self.data = DataOrder(len(self.env), cfg.seed)
         resume_step = None
@@ -425,12 +428,16 @@ class Trainer:
         select = [g * n + j for g in chosen for j in range(n)]
         return trajectories, turns, select, stats
 
-    def advantages(self, trajs: list[Trajectory]) -> tuple[np.ndarray, np.ndarray]:
-        """Per-trajectory rewards [G, n] (after overlong shaping) and advantages [G, n]."""
+    def advantages(
+        self, trajs: list[Trajectory], lengths: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per-trajectory rewards [G, n] (after overlong shaping) and advantages [G, n].
+
+        lengths: int[G * n], each trajectory's completion tokens over all its turns.
+        """
         cfg = self.cfg
         rewards = np.array([t.reward for t in trajs], np.float32)
         if cfg.overlong == "penalty":
-            lengths = np.array([t.info.get("length", 0) for t in trajs])
             rewards = rewards + np.asarray(
                 overlong_penalty(lengths, self.max_new_tokens, cfg.overlong_buffer)
             )
@@ -446,12 +453,13 @@ class Trainer:
             self.config, turns, self.max_new_tokens, self.sampler.pad_token_id, select
         )
         trajs = [all_trajs[i] for i in select]
-        lengths = batch.mask.sum(axis=1)
-        for t in trajs:
-            t.info["length"] = 0
-        for row, owner in enumerate(batch.trajectory):
-            trajs[owner].info["length"] += int(lengths[row])
-        rewards, adv = self.advantages(trajs)
+        # A trajectory's rows are its turns: its length is their completion tokens summed.
+        lengths = np.bincount(
+            batch.trajectory, weights=batch.mask.sum(axis=1), minlength=len(trajs)
+        ).astype(np.int64)
+        for t, length in zip(trajs, lengths, strict=True):
+            t.info["length"] = int(length)  # logged with the env's info
+        rewards, adv = self.advantages(trajs, lengths)
         mask = batch.mask
         if cfg.overlong == "mask":
             mask = np.asarray(mask_truncated(mask, batch.truncated))
@@ -580,7 +588,7 @@ class Trainer:
     def run(self) -> list[dict[str, float]]:
         """Train until `total_steps`; returns the metrics of every step taken."""
         cfg = self.cfg
-        start = int(self.state.step) // (cfg.ppo_epochs * cfg.minibatches)
+        start = int(self.state.step) // cfg.updates_per_step
         bar = None
         if cfg.progress and self.is_main:
             from tqdm.auto import tqdm
@@ -622,7 +630,7 @@ class Trainer:
 
     def save(self, step: int, force: bool = False) -> None:
         self.checkpointer.save(
-            step * self.cfg.ppo_epochs * self.cfg.minibatches,
+            step * self.cfg.updates_per_step,
             self.state,
             data_position=self.data.position,
             config=dataclasses.asdict(self.cfg),
