@@ -15,8 +15,8 @@ jemalloc keep freed blocks. `tune_glibc_malloc` makes glibc keep them too:
 
 The prices: the process's resident memory stays at its peak (as with any caching malloc),
 and one arena is one lock, which XLA's threads contend for on every small allocation. For a
-large model the first dominates by far (the 0.5B update: 15.7 -> 8.5 s); for a small one the
-second does (the tiny preset's default run: about 47 -> 65 s). So the programs
+large model the faults saved outweigh the lock by far (the 0.5B update: 15.7 -> 8.5 s); for a
+small one the lock costs more (the tiny preset's default run: about 47 -> 65 s). So the programs
 (`vlmgym-train`, `vlmgym-eval`, `vlmgym-sample`) call `tune_for_checkpoint`, which tunes
 only for a checkpoint of at least `MIN_CHECKPOINT_BYTES` on disk. The arena limit takes hold
 only for threads that have not allocated yet, so either call belongs before the first JAX
