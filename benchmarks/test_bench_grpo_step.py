@@ -9,7 +9,7 @@ bf16 matmuls with fp32 accumulation, fp32 master weights).
 Reported per timed step (medians over VLMGYM_BENCH_GRPO_STEPS, default 2, after one
 warm-up step that compiles):
 
-- rollout_s (sampling + rewards + batch building) and update_s (`Trainer.update`: host to
+- rollout_s (sampling + rewards + batch building) and update_s (`grpo.update`: host to
   device, one value-and-grad, the optimizer; no reference pass at kl_coef = 0, and the
   sampler's log-probs are the behaviour policy, so nothing is recomputed for them);
 - update_flops: what the update computes, counted from the batch's shapes. The prompt of a
@@ -49,12 +49,12 @@ import numpy as np
 import pytest
 import vlmgym_envs
 from vlmgym_envs import Env, Observation, StepResult, user_message
-from vlmgym_model import CompletionStatics, compute_logprobs
+from vlmgym_model import compute_logprobs
 from vlmgym_model.host_malloc import malloc_in_use, tune_glibc_malloc
+from vlmgym_train.batch import Batch
 from vlmgym_train.config import TrainConfig
+from vlmgym_train.grpo import collect_groups, score_groups, update
 from vlmgym_train.optim import cast_for_compute
-from vlmgym_train.policy import to_policy_inputs
-from vlmgym_train.rollout import image_layout_arrays
 from vlmgym_train.trainer import Trainer
 
 # Before the first JAX computation, as the CLI does (the arena limit binds only threads that
@@ -127,11 +127,11 @@ def bare_matmul_flops_per_s(M: int, D: int, F: int, dtype: Any, reps: int = 20) 
     return 2 * M * D * F / min(times)
 
 
-def forward_seconds(trainer: Trainer, inputs: Any, bounds: dict[str, int], T: int) -> float:
+def forward_seconds(trainer: Trainer, batch: Batch) -> float:
     """Wall time of a forward-only log-prob pass over a batch (compiled first, not timed)."""
-    statics = CompletionStatics(prompt_len=T, impl=trainer.cfg.attention_impl, **bounds)
+    statics = trainer.statics
     params = cast_for_compute(trainer.state.params, trainer.compute_dtype)
-    placed = trainer._place_inputs(inputs)
+    placed = trainer.setup.place(batch).inputs
 
     def run() -> None:
         jax.block_until_ready(
@@ -170,36 +170,31 @@ def make_trainer(model_dir: str, save_dir: str, dtype: str) -> Trainer:
     )
 
 
-def timed_step(trainer: Trainer, i: int) -> tuple[dict[str, float], Any, dict[str, int]]:
-    """Step i (`prepare` then `update`), timed; returns (record, policy inputs, bounds)."""
+def timed_step(trainer: Trainer, i: int) -> tuple[dict[str, float], Batch]:
+    """Step i (rollouts, then the update), timed; returns (record, the step's batch)."""
+    setup = trainer.setup
     t0 = time.perf_counter()
-    prepared = trainer.prepare(i)
+    rollouts = collect_groups(setup, trainer.rollout_params(), i)
+    batch, *_ = score_groups(setup, rollouts)
     t1 = time.perf_counter()
-    metrics = trainer.update(prepared, i)
+    trainer.state, updates = update(setup, trainer.state, batch, i)
     t2 = time.perf_counter()
-    batch = prepared.batch
-    inputs, bounds = to_policy_inputs(
-        batch,
-        image_layout_arrays(trainer.config, batch.image_grid_thw),
-        asarray=np.asarray,
-        prompt_slots=GROUPS,
-    )
-    P, T = inputs.prompt_ids.shape
-    R, N = batch.targets.shape
+    P, T = batch.inputs.prompts.ids.shape
+    R, N = batch.inputs.targets.shape
     record = {
         "rollout_s": t1 - t0,
-        "sample_s": prepared.stats.get("time/sample_s", float("nan")),
+        "sample_s": rollouts.stats.get("time/sample_s", float("nan")),
         "update_s": t2 - t1,
         "step_s": t2 - t0,
         "tokens": float(batch.mask.sum()),
-        "loss": metrics["loss"],
-        "skipped": metrics["skipped"],
+        "loss": float(updates[0]["loss"]),
+        "skipped": float(updates[0]["skipped"]),
         "P": P,
         "T": T,
         "R": R,
         "N": N,
     }
-    return record, inputs, bounds
+    return record, batch
 
 
 def test_bench_grpo_step_real_05b(benchmark, tmp_path, real_model_dir):
@@ -209,9 +204,8 @@ def test_bench_grpo_step_real_05b(benchmark, tmp_path, real_model_dir):
 
     def one_step() -> None:
         i = next(step)
-        record, inputs, bounds = timed_step(trainer, i)
-        T = int(record["T"])
-        record["forward_s"] = forward_seconds(trainer, inputs, bounds, T) if i else 0.0
+        record, batch = timed_step(trainer, i)
+        record["forward_s"] = forward_seconds(trainer, batch) if i else 0.0
         records.append(record)
 
     one_step()  # warm-up: compiles the sampler and the update

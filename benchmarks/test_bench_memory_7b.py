@@ -1,8 +1,8 @@
 """Peak memory of one compiled Qwen2.5-VL-7B training step, from abstract shapes (issue 6).
 
 No weights exist: the train state (fp32 master params + optimizer state) and the batch are
-`jax.ShapeDtypeStruct`s, the step is `vlmgym_train.trainer.train_step` jitted exactly as
-`Trainer._step_fn` does (state donated), and XLA's `memory_analysis()` of the compiled
+`jax.ShapeDtypeStruct`s, the step is `vlmgym_train.grpo.train_step` jitted exactly as
+the `Trainer` does (state donated), and XLA's `memory_analysis()` of the compiled
 program gives argument, output, temp and alias sizes. peak ~ argument + output + temp -
 alias (donated state buffers are reused for the new state).
 
@@ -25,6 +25,7 @@ import functools
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,15 +34,17 @@ import pytest
 from vlmgym_model import (
     CompletionInputs,
     CompletionStatics,
+    ModelInputs,
     Qwen2_5_VLConfig,
     abstract_params,
+    image_inputs,
     param_specs,
 )
-from vlmgym_model.qwen2_5_vl.vision import vision_layout
+from vlmgym_train.batch import Batch
 from vlmgym_train.checkpointing import TrainState
+from vlmgym_train.grpo import train_step
 from vlmgym_train.losses import LossConfig
 from vlmgym_train.optim import OptimConfig, make_optimizer
-from vlmgym_train.trainer import LossArrays, train_step
 
 CONFIG = Path(__file__).parents[1] / "tests/fixtures/configs/qwen2_5_vl_7b.json"
 GROUPS = int(os.environ.get("VLMGYM_BENCH_7B_GROUPS", 8))
@@ -52,46 +55,41 @@ GRID = int(os.environ.get("VLMGYM_BENCH_7B_IMAGE_GRID", 32))  # 32 x 32 patches 
 GIB = 2**30
 
 
-def _sds(x: np.ndarray) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(x.shape, x.dtype)
+def _abstract_batch(config: Qwen2_5_VLConfig) -> Batch:
+    """The shapes `build_batch` produces for GROUPS x GROUP_SIZE rows: one prompt of
+    PROMPT tokens per group (its samples share it), one image per prompt."""
+    R, P = GROUPS * GROUP_SIZE, GROUPS
+    grids = np.tile([1, GRID, GRID], (P, 1))
+    per_prompt = GRID * GRID // config.vision.merge_unit  # image placeholders per prompt
+    rows = np.repeat(np.arange(P), per_prompt)
+    cols = np.tile(np.arange(per_prompt), P)
+    pixels = np.zeros((P * GRID * GRID, config.vision.patch_dim), np.float32)
+    images = image_inputs(config, pixels, grids, rows, cols)
+    i32, f32 = jnp.int32, jnp.float32
 
+    def sds(shape: tuple[int, ...], dtype: Any = i32) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(shape, dtype)
 
-def _abstract_batch(config: Qwen2_5_VLConfig) -> tuple[CompletionInputs, LossArrays, dict]:
-    """The shapes `build_batch` + `to_policy_inputs` produce for GROUPS x GROUP_SIZE rows."""
-    R, S = GROUPS * GROUP_SIZE, PROMPT + NEW
-    grids = np.tile([1, GRID, GRID], (GROUPS, 1))  # one image per prompt (group)
-    layout = vision_layout(grids, config.vision)
-    arrays = {
-        "patch_order": layout.patch_order,
-        "unit_inverse": layout.unit_inverse,
-        "positions": layout.positions,
-        "window_segments": layout.window_segments,
-        "image_segments": layout.image_segments,
-    }
-    K = R * GRID * GRID // config.vision.merge_unit  # image placeholders over all rows
-    i32 = jnp.int32
     inputs = CompletionInputs(
-        input_ids=jax.ShapeDtypeStruct((R, S), i32),
-        segment_ids=jax.ShapeDtypeStruct((R, S), i32),
-        positions=jax.ShapeDtypeStruct((3, R, S), i32),
-        targets=jax.ShapeDtypeStruct((R, NEW), i32),
-        image_rows=jax.ShapeDtypeStruct((K,), i32),
-        image_cols=jax.ShapeDtypeStruct((K,), i32),
-        image_feature_index=jax.ShapeDtypeStruct((K,), i32),
-        pixel_values=jax.ShapeDtypeStruct(
-            (layout.num_patches, config.vision.patch_dim), jnp.float32
+        prompts=ModelInputs(
+            ids=sds((P, PROMPT)),
+            segment_ids=sds((P, PROMPT)),
+            positions=sds((3, P, PROMPT)),
+            images=jax.tree.map(lambda x: sds(np.shape(x), np.asarray(x).dtype), images),
         ),
-        layout={k: _sds(np.asarray(v)) for k, v in arrays.items()},
+        targets=sds((R, NEW)),
+        segment_ids=sds((R, NEW)),
+        positions=sds((3, R, NEW)),
+        row_prompt=sds((R,)),
     )
-    f32 = jnp.float32
-    loss_arrays = LossArrays(
-        old_logp=jax.ShapeDtypeStruct((R, NEW), f32),
-        mask=jax.ShapeDtypeStruct((R, NEW), f32),
-        advantages=jax.ShapeDtypeStruct((R,), f32),
-        ref_logp=None,
+    return Batch(
+        inputs=inputs,
+        mask=sds((R, NEW), f32),
+        old_logp=sds((R, NEW), f32),
+        advantages=sds((R,), f32),
+        trajectory=sds((R,)),
+        truncated=sds((R,), jnp.bool_),
     )
-    bounds = {"max_window_len": layout.max_window_len, "max_image_len": layout.max_image_len}
-    return inputs, loss_arrays, bounds
 
 
 @pytest.mark.parametrize("remat", [False, True], ids=["no_remat", "remat"])
@@ -101,8 +99,8 @@ def test_bench_memory_7b(benchmark, optimizer, remat):
     tx = make_optimizer(OptimConfig(optimizer=optimizer, lr=1e-6, max_grad_norm=1.0))
     params = abstract_params(param_specs(config), jnp.float32)  # fp32 master weights
     state = jax.eval_shape(lambda p: TrainState.create(p, tx, jax.random.key(0)), params)
-    inputs, arrays, bounds = _abstract_batch(config)
-    statics = CompletionStatics(prompt_len=PROMPT, remat=remat, **bounds)
+    batch = _abstract_batch(config)
+    statics = CompletionStatics(remat=remat)
     step = jax.jit(
         functools.partial(
             train_step,
@@ -117,7 +115,7 @@ def test_bench_memory_7b(benchmark, optimizer, remat):
     )
 
     def compile_step():
-        return step.lower(state, inputs, arrays).compile()
+        return step.lower(state, batch).compile()
 
     benchmark.group = (
         f"7B train step compile, {GROUPS}x{GROUP_SIZE} rows, {PROMPT}+{NEW} tokens (CPU backend)"

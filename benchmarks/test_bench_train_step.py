@@ -11,13 +11,13 @@ Two sizes, both on the `shapes` env:
   (default 2 x 4) rows, VLMGYM_BENCH_TRAIN_NEW_TOKENS (default 16) new tokens,
   VLMGYM_BENCH_TRAIN_IMAGE px images (default 224: 64 image tokens).
 
-Each timed step is `Trainer.prepare` (rollout: sampling, detokenising, rewards, batch
-building; `time/sample_s` is the sampling part) then `Trainer.update` (one jitted
-value-and-grad + AdamW update, which recomputes the policy log-probs inside it). The
-"log-prob" column is a separate forward-only `compute_logprobs` over the same batch: what a
-reference-policy (kl_coef > 0) or old-policy pass costs; the default step (kl_coef = 0) does
-not run it. The first step (compiles) is the warm-up; VLMGYM_BENCH_TRAIN_STEPS (default 2)
-steps are timed after it.
+Each timed step is `grpo.collect_groups` + `grpo.score_groups` (rollout: sampling,
+detokenising, rewards, batch building; `time/sample_s` is the sampling part) then
+`grpo.update` (one jitted value-and-grad + AdamW update, which recomputes the policy
+log-probs inside it). The "log-prob" column is a separate forward-only `compute_logprobs`
+over the same batch: what a reference-policy (kl_coef > 0) or old-policy pass costs; the
+default step (kl_coef = 0) does not run it. The first step (compiles) is the warm-up;
+VLMGYM_BENCH_TRAIN_STEPS (default 2) steps are timed after it.
 
 Run: uv run pytest benchmarks/test_bench_train_step.py -q --benchmark-columns=median -s
 """
@@ -29,15 +29,14 @@ import json
 import os
 import statistics
 import time
-from typing import Any
 
 import jax
 import pytest
-from vlmgym_model import CompletionStatics, compute_logprobs
+from vlmgym_model import compute_logprobs
+from vlmgym_train.batch import Batch
 from vlmgym_train.config import TrainConfig
+from vlmgym_train.grpo import collect_groups, score_groups, update
 from vlmgym_train.optim import cast_for_compute
-from vlmgym_train.policy import to_policy_inputs
-from vlmgym_train.rollout import image_layout_arrays
 from vlmgym_train.trainer import Trainer
 
 STEPS = int(os.environ.get("VLMGYM_BENCH_TRAIN_STEPS", 2))
@@ -59,21 +58,11 @@ QWEN05B_SIZES = dict(
 )
 
 
-def _logprob_seconds(trainer: Trainer, prepared: Any) -> float:
+def _logprob_seconds(trainer: Trainer, batch: Batch) -> float:
     """Wall time of a forward-only log-prob pass over the step's batch (compiled already)."""
-    cfg, batch = trainer.cfg, prepared.batch
-    inputs, bounds = to_policy_inputs(
-        batch, image_layout_arrays(trainer.config, batch.image_grid_thw)
-    )
-    statics = CompletionStatics(
-        prompt_len=batch.prompt_len,
-        impl=cfg.attention_impl,
-        remat=cfg.remat,
-        train_vision=cfg.train_vision,
-        logprob_chunk=cfg.logprob_chunk,
-        **bounds,
-    )
+    statics = trainer.statics
     params = cast_for_compute(trainer.state.params, trainer.compute_dtype)
+    inputs = trainer.setup.place(batch).inputs
 
     def run() -> None:
         jax.block_until_ready(
@@ -89,24 +78,26 @@ def _logprob_seconds(trainer: Trainer, prepared: Any) -> float:
 def _bench(benchmark, trainer: Trainer, label: str) -> None:
     steps = itertools.count()
     records: list[dict[str, float]] = []
+    setup = trainer.setup
 
     def one_step() -> None:
         step = next(steps)
         t0 = time.perf_counter()
-        prepared = trainer.prepare(step)
+        rollouts = collect_groups(setup, trainer.rollout_params(), step)
+        batch, *_ = score_groups(setup, rollouts)
         t1 = time.perf_counter()
-        logprob_s = _logprob_seconds(trainer, prepared) if step > 0 else 0.0
+        logprob_s = _logprob_seconds(trainer, batch) if step > 0 else 0.0
         t2 = time.perf_counter()
-        metrics = trainer.update(prepared, step)
+        trainer.state, updates = update(setup, trainer.state, batch, step)
         t3 = time.perf_counter()
         records.append(
             {
                 "rollout_s": t1 - t0,
-                "sample_s": metrics["time/sample_s"],
+                "sample_s": rollouts.stats["time/sample_s"],
                 "logprob_s": logprob_s,
                 "update_s": t3 - t2,
                 "step_s": (t1 - t0) + (t3 - t2),
-                "loss": metrics["loss"],
+                "loss": float(updates[0]["loss"]),
             }
         )
 

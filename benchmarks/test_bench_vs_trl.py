@@ -34,8 +34,9 @@ and a subclass times `_generate_and_score_completions` (rollout: tokenising, HF 
 decoding, rewards, advantages) and within it `_generate_single_turn` (`generate` alone);
 update = step - rollout; on_pre_optimizer_step .. on_optimizer_step is the optimizer. The first
 step (1 + VLMGYM_BENCH_GRPO_STEPS steps in all) is a warm-up and not counted. vlm-gym's
-side times `Trainer.prepare` + `Trainer.update` exactly as test_bench_grpo_step.py does, with
-compute dtype VLMGYM_BENCH_DTYPE (float32 by default, or bfloat16).
+side times `grpo.collect_groups` + `score_groups` + `update` exactly as
+test_bench_grpo_step.py does, with compute dtype VLMGYM_BENCH_DTYPE (float32 by default,
+or bfloat16).
 
 Reported (medians over the timed steps; extra_info and printed as JSON): per TRL precision
 step_s, rollout_s, generate_s, update_s, optimizer_s, completion tokens per step and the

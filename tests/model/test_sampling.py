@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from vlmgym_model import Qwen2_5_VLConfig, init_random_params
 from vlmgym_model.qwen2_5_vl.decoding import _write_slot, prefill
-from vlmgym_model.qwen2_5_vl.model import forward_tokens
+from vlmgym_model.qwen2_5_vl.model import ModelInputs, forward_tokens
 from vlmgym_model.sampling import Sampler, SamplingParams
 from vlmgym_model.sampling_math import categorical_inverse_cdf, cdf_chunk, sample_tokens
 
@@ -70,9 +70,8 @@ def test_logprobs_equal_teacher_forced_forward(model, sampler, tol):
             for s in gen.samples[b]:
                 seq = np.concatenate([prompt, s.tokens])[None]
                 pos = np.broadcast_to(np.arange(seq.shape[1]), (3, 1, seq.shape[1]))
-                logits = forward_tokens(
-                    params, jnp.asarray(seq), jnp.ones_like(seq), jnp.asarray(pos), config=config
-                )
+                inputs = ModelInputs(ids=seq, segment_ids=np.ones_like(seq), positions=pos)
+                logits = forward_tokens(params, inputs, config=config)
                 logits = np.asarray(logits)[0]
                 logp = jax.nn.log_softmax(logits[len(prompt) - 1 : -1], axis=-1)
                 ref = np.take_along_axis(np.asarray(logp), s.tokens[:, None], axis=-1)[:, 0]

@@ -16,6 +16,7 @@ samples) are the sampler's.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -26,12 +27,12 @@ from vlmgym_envs import Env, Observation, StepResult, user_message
 from vlmgym_model import CompletionStatics, Processor, load_model
 from vlmgym_model.sampling import Sampler, SamplingParams
 from vlmgym_train.advantages import grpo
+from vlmgym_train.batch import Batch, build_batch
 from vlmgym_train.checkpointing import TrainState
+from vlmgym_train.grpo import train_step
 from vlmgym_train.losses import LossConfig
 from vlmgym_train.optim import OptimConfig, make_optimizer
-from vlmgym_train.policy import to_policy_inputs
-from vlmgym_train.rollout import build_batch, image_layout_arrays, run_groups
-from vlmgym_train.trainer import LossArrays, train_step
+from vlmgym_train.rollout import run_groups
 
 PROMPTS = (
     "Name a colour.",
@@ -56,27 +57,19 @@ class LengthEnv(Env[int]):
 
 
 @pytest.fixture(scope="module")
-def real_batch(real_dirs) -> tuple[Any, Any, LossArrays, dict[str, int], int]:
+def real_batch(real_dirs) -> tuple[Any, Batch]:
     """A sampled batch of 2 prompts x 3 completions, ready for `train_step`."""
     config, params = load_model(real_dirs.model_dir, dtype=jax.numpy.float32)
     sampler = Sampler(config, Processor.from_model_dir(real_dirs.model_dir))
     sampling = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=1.0, num_samples=GROUP)
     trajs, turns, _ = run_groups(LengthEnv(), sampler, params, [0, 1], sampling, jax.random.key(0))
-    batch = build_batch(config, turns, NEW_TOKENS, sampler.pad_token_id)
-    inputs, bounds = to_policy_inputs(
-        batch, image_layout_arrays(config, batch.image_grid_thw), prompt_slots=2
-    )
-    assert np.asarray(inputs.prompt_segment_ids)[0].sum() < batch.prompt_len  # left padding
+    batch = build_batch(config, turns, NEW_TOKENS, sampler.pad_token_id, prompt_slots=2)
+    prompts = batch.inputs.prompts
+    assert prompts.segment_ids[0].sum() < prompts.ids.shape[1]  # left padding
     rewards = np.array([t.reward for t in trajs], np.float32).reshape(2, GROUP)
     advantages = np.asarray(grpo(rewards)).reshape(-1)[batch.trajectory]
     assert (np.abs(advantages) > 0.1).all()
-    arrays = LossArrays(
-        old_logp=jax.numpy.asarray(batch.old_logp),
-        mask=jax.numpy.asarray(batch.mask),
-        advantages=jax.numpy.asarray(advantages),
-        ref_logp=None,
-    )
-    return config, inputs, arrays, bounds, batch.prompt_len
+    return config, dataclasses.replace(batch, advantages=advantages)
 
 
 CASES = [("ppo_clip", "xla"), ("gspo", "xla"), ("reinforce", "xla")]
@@ -85,11 +78,11 @@ CASES += [("ppo_clip", "reference"), ("ppo_clip", "pallas_interpret")]
 
 @pytest.mark.parametrize(("loss", "impl"), CASES, ids=[f"{a}-{b}" for a, b in CASES])
 def test_three_grpo_steps(loss: str, impl: str, real_dirs, real_batch) -> None:
-    config, inputs, arrays, bounds, prompt_len = real_batch
+    config, batch = real_batch
     # Fresh params, donated to the step as the trainer does: one copy of the params and
     # moments in memory (AdamW on 630M fp32 params is 7.5 GB already).
     _, params = load_model(real_dirs.model_dir, dtype=jax.numpy.float32)
-    statics = CompletionStatics(prompt_len=prompt_len, impl=impl, **bounds)
+    statics = CompletionStatics(impl=impl)
     # One clip range for all: GSPO's usual (3e-4, 4e-4) would clip every sequence after
     # the first update at this learning rate, and then no gradient is left to check.
     loss_cfg = LossConfig(clip_low=0.2, clip_high=0.28, aggregation="token_mean")
@@ -111,7 +104,7 @@ def test_three_grpo_steps(loss: str, impl: str, real_dirs, real_batch) -> None:
     losses = []
     for i in range(3):
         before = np.asarray(state.params.text.layers.q_proj[0, :8, 0, :8])
-        state, metrics = step(state, inputs, arrays)
+        state, metrics = step(state, batch)
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         assert np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]), (i, m)
         assert m["skipped"] == 0.0 and m["grad_norm"] > 0.0, (i, m)

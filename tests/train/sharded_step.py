@@ -14,6 +14,7 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 import jax
 import numpy as np
 from vlmgym_train.config import TrainConfig
+from vlmgym_train.grpo import collect_groups, score_groups, update
 from vlmgym_train.trainer import Trainer
 
 
@@ -29,9 +30,12 @@ def main() -> None:
         sharded = Trainer(
             TrainConfig(save_dir=f"{root}/sharded", mesh_fsdp=fsdp, mesh_tensor=tensor, **common)
         )
-        prepared = single.prepare(0)  # the same rollouts feed both updates
-        m_single = single.update(prepared, 0)
-        m_sharded = sharded.update(prepared, 0)
+        # the same rollouts feed both updates
+        rollouts = collect_groups(single.setup, single.rollout_params(), 0)
+        batch, *_ = score_groups(single.setup, rollouts)
+        single.state, (m_single,) = update(single.setup, single.state, batch, 0)
+        sharded.state, (m_sharded,) = update(sharded.setup, sharded.state, batch, 0)
+        m_single, m_sharded = jax.tree.map(float, (m_single, m_sharded))
     leaves = jax.tree.leaves(sharded.state.params)
     n_sharded = sum(not leaf.sharding.is_fully_replicated for leaf in leaves)
     a = jax.tree.leaves(jax.device_get(single.state.params))

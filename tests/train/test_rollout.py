@@ -16,10 +16,8 @@ from vlmgym_model import (
     forward,
     load_model,
 )
-from vlmgym_train.policy import slice_rows, to_policy_inputs
+from vlmgym_train.batch import build_batch, slice_rows
 from vlmgym_train.rollout import (
-    build_batch,
-    image_layout_arrays,
     merge_rounds,
     round_from_arrays,
     round_to_arrays,
@@ -44,17 +42,17 @@ def test_rows_reproduce_the_samplers_logprobs(setup, tol):
     assert [t.group for t in trajs] == [0, 0, 0, 1, 1, 1]
     assert all(t.done and t.turns == 1 for t in trajs)
     batch = build_batch(config, turns, 6, sampler.pad_token_id)
-    assert batch.input_ids.shape == (6, 64 + 6) and batch.targets.shape == (6, 6)
+    inputs = batch.inputs
+    assert inputs.targets.shape == (6, 6) and batch.mask.shape == (6, 6)
     np.testing.assert_array_equal(batch.trajectory, np.arange(6))
-    # every row carries its prompt's 4 image placeholders, fed from its own image
-    assert len(batch.image_rows) == 6 * 4
-    assert batch.image_grid_thw is not None and len(batch.image_grid_thw) == 2
-    inputs, bounds = to_policy_inputs(batch, image_layout_arrays(config, batch.image_grid_thw))
-    # the 3 samples of each prompt share one prompt row, and only it gets the image features
-    assert inputs.prompt_ids.shape == (2, 64)
+    # the 3 samples of each prompt share one prompt row, and only it gets image features:
+    # its 4 placeholders, fed from its own image
+    assert inputs.prompts.ids.shape == (2, 64)
     np.testing.assert_array_equal(inputs.row_prompt, [0, 0, 0, 1, 1, 1])
-    np.testing.assert_array_equal(np.unique(np.asarray(inputs.image_rows)), [0, 1])
-    statics = CompletionStatics(prompt_len=batch.prompt_len, logprob_chunk=5, **bounds)
+    images = inputs.prompts.images
+    assert images is not None and len(images.rows) == 2 * 4
+    np.testing.assert_array_equal(np.unique(images.rows), [0, 1])
+    statics = CompletionStatics(logprob_chunk=5)
     with jax.default_matmul_precision("highest"):
         logp, entropy = compute_logprobs(params, inputs, config=config, statics=statics)
     m = batch.mask.astype(bool)
@@ -63,34 +61,36 @@ def test_rows_reproduce_the_samplers_logprobs(setup, tol):
     # a minibatch of rows from both prompts, in another order: the same rows' log-probs,
     # with the prompt count kept (static shapes) and its unused slot empty
     rows = [4, 0, 2]
-    sub = slice_rows(
-        to_policy_inputs(
-            batch, image_layout_arrays(config, batch.image_grid_thw), asarray=np.asarray
-        )[0],
-        rows,
-    )
-    assert sub.prompt_ids.shape == (2, 64)
-    np.testing.assert_array_equal(sub.row_prompt, [1, 0, 0])
+    sub = slice_rows(batch, rows)
+    assert sub.inputs.prompts.ids.shape == (2, 64)
+    np.testing.assert_array_equal(sub.inputs.row_prompt, [1, 0, 0])
+    np.testing.assert_array_equal(sub.trajectory, [4, 0, 2])
+    np.testing.assert_array_equal(sub.old_logp, batch.old_logp[rows])
     with jax.default_matmul_precision("highest"):
-        sub_logp, _ = compute_logprobs(params, sub, config=config, statics=statics)
+        sub_logp, _ = compute_logprobs(params, sub.inputs, config=config, statics=statics)
     np.testing.assert_allclose(
         np.asarray(sub_logp)[m[rows]], np.asarray(logp)[rows][m[rows]], atol=tol["float32"]
     )
     one = slice_rows(sub, [1])  # one row: one prompt slot
-    assert one.prompt_ids.shape == (1, 64) and list(one.row_prompt) == [0]
+    assert one.inputs.prompts.ids.shape == (1, 64) and list(one.inputs.row_prompt) == [0]
+    # slicing every row in order gives the batch back
+    same = slice_rows(batch, np.arange(6))
+    for a, b in zip(jax.tree.leaves(same), jax.tree.leaves(batch), strict=True):
+        np.testing.assert_array_equal(a, b)
     # and the rows agree with a plain forward over prompt + completion
     traj0 = trajs[0]
     _, obs = env.reset(traj0.task)
     inp = processor([obs.messages])
     prompt = inp["input_ids"][0]
-    seq = np.concatenate([prompt, batch.targets[0][: int(batch.mask[0].sum())]])[None]
+    targets = batch.inputs.targets
+    seq = np.concatenate([prompt, targets[0][: int(batch.mask[0].sum())]])[None]
     with jax.default_matmul_precision("highest"):
         logits = np.asarray(
             forward(params, config, seq, None, inp["pixel_values"], inp["image_grid_thw"])
         )[0]
     n = int(batch.mask[0].sum())
     ref = jax.nn.log_softmax(logits[len(prompt) - 1 : len(prompt) - 1 + n], axis=-1)
-    ref = np.take_along_axis(np.asarray(ref), batch.targets[0][:n, None], axis=-1)[:, 0]
+    ref = np.take_along_axis(np.asarray(ref), targets[0][:n, None], axis=-1)[:, 0]
     np.testing.assert_allclose(np.asarray(logp)[0, :n], ref, atol=tol["float32"])
 
 
@@ -102,13 +102,18 @@ def test_selection_drops_rows_and_their_images(setup):
     trajs, turns = merge_rounds([a[:2], b[:2]])
     assert [t.group for t in trajs] == [0, 0, 1, 1, 2, 2]
     batch = build_batch(config, turns, 4, sampler.pad_token_id, select=[4, 5, 0, 1])
-    assert batch.input_ids.shape[0] == 4
+    assert batch.num_rows == 4
     assert sorted(batch.trajectory.tolist()) == [0, 1, 2, 3]
-    assert batch.image_grid_thw is not None and len(batch.image_grid_thw) == 2  # group 1 left out
+    prompts = batch.inputs.prompts
+    assert prompts.ids.shape[0] == 2 and prompts.images is not None  # group 1 left out
+    assert (
+        prompts.images.pixel_values.shape[0]
+        == 2 * np.asarray(turns[0].generation.image_grid_thw)[0].prod()
+    )
     # rows keep their own completions
     by_traj = {int(t): r for r, t in enumerate(batch.trajectory)}
     first = turns[0].generation.samples[0][0].tokens
-    np.testing.assert_array_equal(batch.targets[by_traj[2]][: len(first)], first)
+    np.testing.assert_array_equal(batch.inputs.targets[by_traj[2]][: len(first)], first)
 
 
 def test_multi_turn_rollouts_add_a_row_per_turn(setup):
@@ -119,7 +124,7 @@ def test_multi_turn_rollouts_add_a_row_per_turn(setup):
     trajs, turns, _ = run_groups(env, sampler, params, [0, 1], sp, jax.random.key(3), max_turns=3)
     assert all(t.done and 1 <= t.turns <= 3 for t in trajs)
     batch = build_batch(config, turns, 3, sampler.pad_token_id)
-    assert batch.input_ids.shape[0] == sum(t.turns for t in trajs)
+    assert batch.num_rows == sum(t.turns for t in trajs)
     for i, t in enumerate(trajs):
         assert (batch.trajectory == i).sum() == t.turns
 
@@ -150,21 +155,37 @@ def test_shares_of_a_round_equal_the_whole_round(setup, tol):
 
     # rows come in another order (share by share); match them by (trajectory, prompt)
     def key_rows(batch):
+        prompt_tokens = np.asarray(batch.inputs.prompts.segment_ids).sum(axis=1)
         return sorted(
-            range(len(batch.trajectory)),
-            key=lambda r: (batch.trajectory[r], int(batch.segment_ids[r].sum())),
+            range(batch.num_rows),
+            key=lambda r: (batch.trajectory[r], prompt_tokens[batch.inputs.row_prompt[r]]),
         )
 
-    ra, rb = key_rows(ba), key_rows(bb)
-    for name in ("targets", "mask", "input_ids", "segment_ids", "trajectory"):
-        np.testing.assert_array_equal(getattr(ba, name)[ra], getattr(bb, name)[rb], err_msg=name)
+    def rows(batch, order):
+        inputs, prompts = batch.inputs, batch.inputs.prompts
+        p = inputs.row_prompt[order]
+        return {
+            "targets": inputs.targets[order],
+            "mask": batch.mask[order],
+            "trajectory": batch.trajectory[order],
+            "positions": inputs.positions[:, order],
+            "prompt_ids": prompts.ids[p],
+            "prompt_segment_ids": prompts.segment_ids[p],
+            "prompt_positions": prompts.positions[:, p],
+        }
+
+    ra, rb = rows(ba, key_rows(ba)), rows(bb, key_rows(bb))
+    for name in ra:
+        np.testing.assert_array_equal(ra[name], rb[name], err_msg=name)
     # log-probs of the same tokens, computed in batches of 4 vs 2 prompts: equal up to the
     # matmul's summation order
-    np.testing.assert_allclose(ba.old_logp[ra], bb.old_logp[rb], atol=tol["float32"], rtol=0)
-    np.testing.assert_array_equal(ba.positions[:, ra], bb.positions[:, rb])
-    assert ba.pixel_values is not None and bb.pixel_values is not None
+    np.testing.assert_allclose(
+        ba.old_logp[key_rows(ba)], bb.old_logp[key_rows(bb)], atol=tol["float32"], rtol=0
+    )
+    ia, ib = ba.inputs.prompts.images, bb.inputs.prompts.images
+    assert ia is not None and ib is not None
     np.testing.assert_array_equal(
-        np.sort(ba.pixel_values, axis=0), np.sort(bb.pixel_values, axis=0)
+        np.sort(ia.pixel_values, axis=0), np.sort(ib.pixel_values, axis=0)
     )
 
 

@@ -20,6 +20,7 @@ from vlmgym_envs.shapes import ShapesEnv
 from vlmgym_model import load_model
 from vlmgym_model.checkpoint import flatten_params
 from vlmgym_train.config import TrainConfig
+from vlmgym_train.grpo import collect_groups, score_groups
 from vlmgym_train.trainer import Trainer, TrainingError
 
 SMALL = [
@@ -147,7 +148,7 @@ def test_minibatches_keep_rows_aligned_with_their_reference(tmp_path, minibatche
     assert abs(metrics["ratio/mean"] - 1.0) < 1e-4
     # Minibatches of rows from any prompts, and a second step: one compiled update.
     trainer.step(1)
-    assert [fn._cache_size() for fn in trainer._steps.values()] == [1]
+    assert trainer.setup.update_fn._cache_size() == 1
     # --save_interval counts steps; checkpoints are numbered by optimizer updates.
     trainer.save(1)
     trainer.save(2)
@@ -161,10 +162,11 @@ def test_overlong_penalty_reads_each_trajectorys_completion_length(tmp_path):
         overlong="penalty", overlong_buffer=2, progress=False, seed=3, temperature=1.0,
     )  # fmt: skip
     trainer = Trainer(cfg)
-    prepared = trainer.prepare(0)
-    lengths = prepared.batch.mask.sum(axis=1)  # one turn: one row per trajectory
-    assert [t.info["length"] for t in prepared.trajectories] == lengths.astype(int).tolist()
-    raw = np.array([t.reward for t in prepared.trajectories], np.float32)
+    rollouts = collect_groups(trainer.setup, trainer.rollout_params(), 0)
+    batch, trajs, rewards, _ = score_groups(trainer.setup, rollouts)
+    lengths = batch.lengths()  # one turn: one row per trajectory
+    assert [t.info["length"] for t in trajs] == lengths.tolist()
+    raw = np.array([t.reward for t in trajs], np.float32)
     penalty = np.clip((lengths - (3 - 2)) / 2, 0.0, 1.0)
-    np.testing.assert_allclose(prepared.rewards.reshape(-1), raw - penalty, atol=1e-6)
+    np.testing.assert_allclose(rewards.reshape(-1), raw - penalty, atol=1e-6)
     assert penalty.max() > 0, "no completion was long enough to test the penalty"

@@ -4,6 +4,10 @@ Public API (imported lazily, so `import vlmgym_model` does no work and pulls in 
 when a JAX-backed name is first used):
 - `load_model(model_dir, dtype, mesh, rules) -> (config, params)`, `save_model`
 - `forward(params, config, input_ids, attention_mask, pixel_values, image_grid_thw)`
+- `ModelInputs` (ids, segment ids, mRoPE positions, `ImageInputs`), built on the host by
+  `model_inputs`; `embed(params, config, inputs)` is where every forward pass starts
+  (the vision tower, its features written over the image placeholders): sampling's
+  prefill, `forward_tokens` and training's `completion_logprobs` all call it
 - `Qwen2_5_VLConfig` (+ `TextConfig`, `VisionConfig`), read from HF's config.json
 - `Processor` (tokenizer + chat template + images), `preprocess_images`
 - `Sampler`, `SamplingParams`: batched generation with a KV cache and group sampling
@@ -30,9 +34,14 @@ _EXPORTS: dict[str, str] = {
     "TextConfig": "vlmgym_model.qwen2_5_vl.config",
     "VisionConfig": "vlmgym_model.qwen2_5_vl.config",
     # model
+    "ImageInputs": "vlmgym_model.qwen2_5_vl.model",
+    "ModelInputs": "vlmgym_model.qwen2_5_vl.model",
     "Qwen2_5_VLWeights": "vlmgym_model.qwen2_5_vl.model",
+    "embed": "vlmgym_model.qwen2_5_vl.model",
     "forward": "vlmgym_model.qwen2_5_vl.model",
     "forward_tokens": "vlmgym_model.qwen2_5_vl.model",
+    "image_inputs": "vlmgym_model.qwen2_5_vl.model",
+    "model_inputs": "vlmgym_model.qwen2_5_vl.model",
     "init_random_params": "vlmgym_model.qwen2_5_vl.model",
     "param_specs": "vlmgym_model.qwen2_5_vl.model",
     "get_rope_index": "vlmgym_model.qwen2_5_vl.rope",

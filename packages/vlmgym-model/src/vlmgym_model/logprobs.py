@@ -10,8 +10,9 @@
   are projected to the vocabulary in chunks of tokens, each chunk rematerialised in the
   backward pass, so only `[chunk, V]` float32 logits exist at any moment.
 
-Building `CompletionInputs` from rollouts (finding the shared prompts) is the trainer's
-job (`vlmgym_train.policy.to_policy_inputs`).
+The prompts go through `embed` (vision tower + image features over their placeholders),
+as in sampling's prefill and in `forward`; building `CompletionInputs` from rollouts is
+the trainer's job (`vlmgym_train.batch`).
 """
 
 from __future__ import annotations
@@ -25,41 +26,30 @@ import jax.numpy as jnp
 from vlmgym_model.matmul import einsum
 from vlmgym_model.qwen2_5_vl import text
 from vlmgym_model.qwen2_5_vl.config import Qwen2_5_VLConfig
-from vlmgym_model.qwen2_5_vl.model import Qwen2_5_VLWeights, embed_inputs
+from vlmgym_model.qwen2_5_vl.model import ModelInputs, Qwen2_5_VLWeights, embed
 from vlmgym_model.qwen2_5_vl.rope import mrope_cos_sin
-from vlmgym_model.qwen2_5_vl.vision import vision_tower
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class CompletionInputs:
-    """Device arrays for R completions of N tokens that continue P prompts of T tokens.
+    """R completions of N tokens that continue P prompts of T tokens.
 
     Completions of the same prompt (a GRPO group) share one prompt row: the prompt's
     tokens are run through the model once, not once per sample.
     """
 
-    prompt_ids: jax.Array  # int32[P, T], left-padded
-    prompt_segment_ids: jax.Array  # int32[P, T], 0 on padding
-    prompt_positions: jax.Array  # int32[3, P, T]
+    prompts: ModelInputs  # [P, T], left-padded, with the prompts' images
     targets: jax.Array  # int32[R, N]: the completion tokens (also the completions' inputs)
     segment_ids: jax.Array  # int32[R, N]: 1 on the completion's tokens, 0 on padding
     positions: jax.Array  # int32[3, R, N]
     row_prompt: jax.Array  # int32[R]: the prompt row each completion continues
-    image_rows: jax.Array  # int32[K]: prompt row of each image placeholder
-    image_cols: jax.Array  # int32[K]
-    image_feature_index: jax.Array  # int32[K]
-    pixel_values: jax.Array | None  # float32[P_patches, 1176]
-    layout: dict[str, jax.Array] | None  # the vision layout's index arrays
 
 
 @dataclasses.dataclass(frozen=True)
 class CompletionStatics:
-    """The static (compile-time) side of a batch and of the computation."""
+    """How the log-prob pass runs (compile-time constants)."""
 
-    prompt_len: int
-    max_window_len: int = 0
-    max_image_len: int = 0
     impl: str = "xla"
     remat: bool = False
     train_vision: bool = True
@@ -152,39 +142,25 @@ def completion_logprobs(
     statics: CompletionStatics,
 ) -> tuple[jax.Array, jax.Array]:
     """Per-token log-probs and entropies of the completions: float32[R, N] each."""
-    vision_params = params.vision
-    if not statics.train_vision:
-        vision_params = jax.lax.stop_gradient(vision_params)
-    features = None
-    index = None
-    if batch.pixel_values is not None and batch.layout is not None:
-        _, merged = vision_tower(
-            vision_params,
-            batch.pixel_values,
-            batch.layout["patch_order"],
-            batch.layout["unit_inverse"],
-            batch.layout["positions"],
-            batch.layout["window_segments"],
-            batch.layout["image_segments"],
-            cfg=config.vision,
-            impl=statics.impl,
-            max_window_len=statics.max_window_len,
-            max_image_len=statics.max_image_len,
-            remat=statics.remat,
-        )  # [M, D]
-        features = merged[batch.image_feature_index]  # [K, D]
-        index = (batch.image_rows, batch.image_cols)
-    xp = embed_inputs(params.text, batch.prompt_ids, features, index)  # [P, T, D]
+    prompts = batch.prompts
+    xp = embed(
+        params,
+        config,
+        prompts,
+        impl=statics.impl,
+        remat=statics.remat,
+        train_vision=statics.train_vision,
+    )  # [P, T, D]
     xc = text.embed_tokens(params.text, batch.targets)  # [R, N, D]
     rope = (
-        *mrope_cos_sin(batch.prompt_positions, config.text),
+        *mrope_cos_sin(prompts.positions, config.text),
         *mrope_cos_sin(batch.positions, config.text),
     )
     hp, hc = text.decode_prefixed_layers(
         params.text,
         (xp, xc),
         rope,
-        (batch.prompt_segment_ids, batch.segment_ids),
+        (prompts.segment_ids, batch.segment_ids),
         batch.row_prompt,
         config.text,
         impl=statics.impl,

@@ -109,7 +109,8 @@ def main(argv: Sequence[str] | None = None, *, tune_malloc: bool = False) -> int
     t = gen.timings
     n = gen.num_generated_tokens
     print(
-        f"[vlmgym-sample] {n} tokens; vision {t['vision_s']:.2f}s, prefill {t['prefill_s']:.2f}s"
+        f"[vlmgym-sample] {n} tokens; inputs {t['inputs_s']:.2f}s, "
+        f"vision + prefill {t['prefill_s']:.2f}s"
         f", decode {t['decode_s']:.2f}s ({n / max(t['decode_s'], 1e-9):.1f} tokens/s, first call "
         "includes compilation)",
         file=sys.stderr,

@@ -34,7 +34,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlmgym_model.qwen2_5_vl import vision
 from vlmgym_model.qwen2_5_vl.config import Qwen2_5_VLConfig
 from vlmgym_model.qwen2_5_vl.decoding import (
     KVCache,
@@ -42,42 +41,10 @@ from vlmgym_model.qwen2_5_vl.decoding import (
     layers_for_decoding,
     prefill,
 )
-from vlmgym_model.qwen2_5_vl.model import Qwen2_5_VLWeights, check_image_placeholders
-from vlmgym_model.qwen2_5_vl.model import embed_inputs as _embed_inputs
-from vlmgym_model.qwen2_5_vl.rope import get_rope_index
-from vlmgym_model.sampling_math import sample_tokens
+from vlmgym_model.qwen2_5_vl.model import ModelInputs, Qwen2_5_VLWeights, embed, model_inputs
+from vlmgym_model.sampling_math import SamplingParams, sample_tokens
 
 FinishReason = Literal["stop", "length"]
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    """How to sample. `temperature=0` is greedy decoding."""
-
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1: off
-    min_p: float = 0.0  # 0: off
-    num_samples: int = 1  # samples per prompt (a GRPO group)
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.min_p < 1:
-            raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
-        if self.num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
 
 
 @dataclasses.dataclass
@@ -138,6 +105,7 @@ def default_length_buckets(max_len: int = 32_768) -> tuple[int, ...]:
 # --------------------------------------------------------------------------- the engine
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class _DecodeState:
     step: jax.Array  # int32[]
@@ -151,11 +119,35 @@ class _DecodeState:
     stopped: jax.Array  # bool[R]
 
 
-jax.tree_util.register_dataclass(
-    _DecodeState,
-    data_fields=[f.name for f in dataclasses.fields(_DecodeState)],
-    meta_fields=[],
-)
+def _row_keys(prompt_keys: jax.Array, R: int) -> jax.Array:
+    """Sample j of prompt b draws from fold_in(fold_in(key_b, j), step): independent of the
+    rest of the batch, so batching and bucket padding never change a sample."""
+    n = R // prompt_keys.shape[0]
+    per_prompt = jax.vmap(lambda k: jax.vmap(lambda j: jax.random.fold_in(k, j))(jnp.arange(n)))
+    return per_prompt(prompt_keys).reshape(R)
+
+
+def _unpack_samples(state: _DecodeState, B: int, n: int) -> list[list[Sample]]:
+    """The decoded rows of the B real prompts, n samples each, cut at their lengths."""
+    tokens, plp, slp, out_len, stopped = jax.device_get(
+        (state.tokens, state.policy_lp, state.sampled_lp, state.lengths, state.stopped)
+    )
+    samples: list[list[Sample]] = []
+    for b in range(B):
+        group = []
+        for r in range(b * n, (b + 1) * n):
+            k = int(out_len[r])
+            group.append(
+                Sample(
+                    prompt_index=b,
+                    tokens=tokens[r, :k].copy(),
+                    logprobs=plp[r, :k].copy(),
+                    sampling_logprobs=slp[r, :k].copy(),
+                    finish_reason="stop" if stopped[r] else "length",
+                )
+            )
+        samples.append(group)
+    return samples
 
 
 class Sampler:
@@ -226,23 +218,19 @@ class Sampler:
     def _prefill_impl(
         self,
         params: Qwen2_5_VLWeights,
-        input_ids: jax.Array,
-        segment_ids: jax.Array,
-        positions: jax.Array,
-        image_features: jax.Array | None,
-        image_index: tuple[jax.Array, jax.Array] | None,
+        inputs: ModelInputs,
         *,
         new_tokens: int,
         num_samples: int,
     ) -> tuple[jax.Array, KVCache]:
         self.compilations["prefill"] += 1  # runs once per trace, i.e. per compilation
-        x = _embed_inputs(params.text, input_ids, image_features, image_index)
+        x = embed(params, self.config, inputs, impl=self.impl)  # vision tower included
         logits, cache = prefill(
             params.text,
             self.config,
             x,
-            segment_ids,
-            positions,
+            inputs.segment_ids,
+            inputs.positions,
             new_tokens,
             num_samples=num_samples,
             impl=self.impl,
@@ -251,6 +239,23 @@ class Sampler:
         if num_samples > 1:
             logits = jnp.repeat(logits, num_samples, axis=0)
         return logits, cache
+
+    def _initial_state(
+        self, logits: jax.Array, cache: KVCache, active: jax.Array, N: int
+    ) -> _DecodeState:
+        """Nothing sampled yet; padding rows of the batch bucket start done."""
+        R = logits.shape[0]
+        return _DecodeState(
+            step=jnp.zeros((), jnp.int32),
+            logits=logits,
+            cache=cache,
+            tokens=jnp.full((R, N), self.pad_token_id, jnp.int32),
+            policy_lp=jnp.zeros((R, N), jnp.float32),
+            sampled_lp=jnp.zeros((R, N), jnp.float32),
+            done=~active,  # padding rows of the batch bucket start done
+            lengths=jnp.zeros((R,), jnp.int32),
+            stopped=jnp.zeros((R,), bool),
+        )
 
     def _decode_impl(
         self,
@@ -273,25 +278,9 @@ class Sampler:
         use_min_p: bool,
     ) -> _DecodeState:
         self.compilations["decode"] += 1
-        R = logits.shape[0]
         N = max_new_tokens
-        n = R // prompt_keys.shape[0]
-        # sample j of prompt b draws from fold_in(fold_in(key_b, j), step): independent of
-        # the rest of the batch, so batching and bucket padding never change a sample.
-        row_keys = jax.vmap(lambda k: jax.vmap(lambda j: jax.random.fold_in(k, j))(jnp.arange(n)))(
-            prompt_keys
-        ).reshape(R)
-        state = _DecodeState(
-            step=jnp.zeros((), jnp.int32),
-            logits=logits,
-            cache=cache,
-            tokens=jnp.full((R, N), self.pad_token_id, jnp.int32),
-            policy_lp=jnp.zeros((R, N), jnp.float32),
-            sampled_lp=jnp.zeros((R, N), jnp.float32),
-            done=~active,  # padding rows of the batch bucket start done
-            lengths=jnp.zeros((R,), jnp.int32),
-            stopped=jnp.zeros((R,), bool),
-        )
+        state = self._initial_state(logits, cache, active, N)
+        row_keys = _row_keys(prompt_keys, logits.shape[0])
 
         layers = layers_for_decoding(params.text.layers)  # once, outside the loop
 
@@ -394,6 +383,32 @@ class Sampler:
         pad = jax.vmap(lambda i: jax.random.fold_in(key[0], i))(jnp.arange(Bb - B) + B)
         return jnp.concatenate([key, pad]) if Bb > B else key
 
+    def _pad_prompts(
+        self, input_ids: Any, attention_mask: Any
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """Every prompt left-padded to the length bucket, the batch padded to the batch
+        bucket: (ids int32[Bb, T], mask int32[Bb, T], prompt lengths int[B], B)."""
+        ids = np.asarray(input_ids)
+        mask = np.asarray(attention_mask).astype(bool)
+        if ids.ndim != 2 or ids.shape != mask.shape:
+            raise ValueError(
+                f"input_ids {ids.shape} and attention_mask {mask.shape} must both be [B, T]"
+            )
+        B = ids.shape[0]
+        lengths = mask.sum(axis=1)
+        if (lengths == 0).any():
+            raise ValueError(f"prompts {np.flatnonzero(lengths == 0).tolist()} are empty")
+        T = _bucket(int(lengths.max()), self.length_buckets, "prompt length")
+        Bb = _bucket(B, self.batch_buckets, "batch size")
+        padded = np.full((Bb, T), self.pad_token_id, np.int32)
+        pmask = np.zeros((Bb, T), np.int32)
+        for b in range(B):
+            row = ids[b][mask[b]]
+            padded[b, T - len(row) :] = row
+            pmask[b, T - len(row) :] = 1
+        pmask[B:, -1] = 1  # batch padding rows: one dummy token, never sampled from
+        return padded, pmask, lengths, B
+
     def generate_ids(
         self,
         params: Qwen2_5_VLWeights,
@@ -413,52 +428,14 @@ class Sampler:
         other prompts in the batch or on the bucket sizes.
         """
         t0 = time.perf_counter()
-        ids = np.asarray(input_ids)
-        mask = np.asarray(attention_mask).astype(bool)
-        if ids.ndim != 2 or ids.shape != mask.shape:
-            raise ValueError(
-                f"input_ids {ids.shape} and attention_mask {mask.shape} must both be [B, T]"
-            )
-        B = ids.shape[0]
-        lengths = mask.sum(axis=1)
-        if (lengths == 0).any():
-            raise ValueError(f"prompts {np.flatnonzero(lengths == 0).tolist()} are empty")
-        grids = None if image_grid_thw is None else np.asarray(image_grid_thw)
-        check_image_placeholders(self.config, ids, grids)
-
-        # Left-pad every prompt to the length bucket, and the batch to the batch bucket.
-        T = _bucket(int(lengths.max()), self.length_buckets, "prompt length")
-        Bb = _bucket(B, self.batch_buckets, "batch size")
-        padded = np.full((Bb, T), self.pad_token_id, np.int32)
-        pmask = np.zeros((Bb, T), np.int32)
-        for b in range(B):
-            row = ids[b][mask[b]]
-            padded[b, T - len(row) :] = row
-            pmask[b, T - len(row) :] = 1
-        pmask[B:, -1] = 1  # batch padding rows: one dummy token, never sampled from
-        positions, deltas = get_rope_index(padded, pmask, grids, self.config)
-
-        features, index = None, None
-        if grids is not None and len(grids):
-            features = vision.encode_images(
-                params.vision, self.config.vision, pixel_values, grids, impl=self.impl
-            ).block_until_ready()  # so vision_s times the tower, not its dispatch
-            rows, cols = np.nonzero(padded == self.config.image_token_id)
-            index = (jnp.asarray(rows, jnp.int32), jnp.asarray(cols, jnp.int32))
-        t_vision = time.perf_counter()
+        padded, pmask, lengths, B = self._pad_prompts(input_ids, attention_mask)
+        Bb, T = padded.shape
+        inputs, deltas = model_inputs(self.config, padded, pmask, pixel_values, image_grid_thw)
+        t_inputs = time.perf_counter()
 
         n = sampling.num_samples
         N = sampling.max_new_tokens
-        logits, cache = self._prefill(
-            params,
-            jnp.asarray(padded),
-            jnp.asarray(pmask),
-            jnp.asarray(positions),
-            features,
-            index,
-            new_tokens=N,
-            num_samples=n,
-        )
+        logits, cache = self._prefill(params, inputs, new_tokens=N, num_samples=n)
         logits.block_until_ready()
         t_prefill = time.perf_counter()
 
@@ -484,27 +461,8 @@ class Sampler:
             use_top_p=sampling.top_p < 1.0,
             use_min_p=sampling.min_p > 0.0,
         )
-        tokens, plp, slp, out_len, stopped = jax.device_get(
-            (state.tokens, state.policy_lp, state.sampled_lp, state.lengths, state.stopped)
-        )
+        samples = _unpack_samples(state, B, n)
         t_decode = time.perf_counter()
-
-        samples: list[list[Sample]] = []
-        for b in range(B):
-            group = []
-            for j in range(n):
-                r = b * n + j
-                k = int(out_len[r])
-                group.append(
-                    Sample(
-                        prompt_index=b,
-                        tokens=tokens[r, :k].copy(),
-                        logprobs=plp[r, :k].copy(),
-                        sampling_logprobs=slp[r, :k].copy(),
-                        finish_reason="stop" if stopped[r] else "length",
-                    )
-                )
-            samples.append(group)
         if decode_text and self.processor is not None:
             for group in samples:
                 for s in group:
@@ -514,13 +472,13 @@ class Sampler:
             samples=samples,
             prompt_ids=padded[:B],
             prompt_mask=pmask[:B],
-            prompt_positions=positions[:, :B],
+            prompt_positions=np.asarray(inputs.positions)[:, :B],
             rope_deltas=deltas[:B],
-            pixel_values=None if grids is None else np.asarray(pixel_values),
-            image_grid_thw=grids,
+            pixel_values=None if image_grid_thw is None else np.asarray(pixel_values),
+            image_grid_thw=None if image_grid_thw is None else np.asarray(image_grid_thw),
             timings={
-                "vision_s": t_vision - t0,
-                "prefill_s": t_prefill - t_vision,
+                "inputs_s": t_inputs - t0,  # padding, mRoPE positions, image layout
+                "prefill_s": t_prefill - t_inputs,  # the vision tower and the prefill
                 "decode_s": t_decode - t_prefill,
                 "detokenize_s": t_end - t_decode,
                 "total_s": t_end - t0,

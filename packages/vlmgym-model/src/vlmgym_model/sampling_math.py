@@ -1,4 +1,5 @@
-"""The sampler's per-token maths, on float32 logits [B, V]: temperature and the top-k,
+"""What to sample (`SamplingParams`) and the sampler's per-token maths, on float32 logits
+[B, V]: temperature and the top-k,
 top-p and min-p filters (`filter_logits`), drawing a token with both its untempered and its
 sampling log-prob (`sample_tokens`), and an exact categorical draw by inverse CDF over
 vocabulary chunks (`categorical_inverse_cdf`). `vlmgym_model.sampling` runs them inside its
@@ -7,8 +8,40 @@ decode loop.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to sample. `temperature=0` is greedy decoding."""
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    min_p: float = 0.0  # 0: off
+    num_samples: int = 1  # samples per prompt (a GRPO group)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p < 1:
+            raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
 
 
 def filter_logits(

@@ -118,54 +118,38 @@ def write_word_tokenizer(
         ]
     )
     tokenizer.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "tokenizer_class": "PreTrainedTokenizerFast",
-                "eos_token": "<|im_end|>",
-                "pad_token": "<|endoftext|>",
-                "unk_token": UNK,
-                "bos_token": None,
-                "model_max_length": 32768,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    (directory / "chat_template.json").write_text(
-        json.dumps({"chat_template": chat_template}, indent=2) + "\n"
-    )
-    (directory / "generation_config.json").write_text(
-        json.dumps(
-            {
-                "eos_token_id": [vocab["<|im_end|>"], vocab["<|endoftext|>"]],
-                "pad_token_id": vocab["<|endoftext|>"],
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    (directory / "preprocessor_config.json").write_text(
-        json.dumps(
-            {
-                "image_processor_type": "Qwen2VLImageProcessor",
-                "min_pixels": min_pixels,
-                "max_pixels": max_pixels,
-                "patch_size": 14,
-                "temporal_patch_size": 2,
-                "merge_size": 2,
-                "image_mean": [0.48145466, 0.4578275, 0.40821073],
-                "image_std": [0.26862954, 0.26130258, 0.27577711],
-                "do_rescale": True,
-                "rescale_factor": 1 / 255,
-                "do_normalize": True,
-                "do_resize": True,
-                "do_convert_rgb": True,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    configs = {
+        "tokenizer_config.json": {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>",
+            "unk_token": UNK,
+            "bos_token": None,
+            "model_max_length": 32768,
+        },
+        "chat_template.json": {"chat_template": chat_template},
+        "generation_config.json": {
+            "eos_token_id": [vocab["<|im_end|>"], vocab["<|endoftext|>"]],
+            "pad_token_id": vocab["<|endoftext|>"],
+        },
+        "preprocessor_config.json": {
+            "image_processor_type": "Qwen2VLImageProcessor",
+            "min_pixels": min_pixels,
+            "max_pixels": max_pixels,
+            "patch_size": 14,
+            "temporal_patch_size": 2,
+            "merge_size": 2,
+            "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_std": [0.26862954, 0.26130258, 0.27577711],
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "do_resize": True,
+            "do_convert_rgb": True,
+        },
+    }
+    for name, content in configs.items():
+        (directory / name).write_text(json.dumps(content, indent=2) + "\n")
     return vocab
 
 

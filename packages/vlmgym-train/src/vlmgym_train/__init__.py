@@ -1,5 +1,12 @@
 """GRPO-family reinforcement learning for vision-language models.
 
+Layout: `grpo` (one training step, top to bottom: rollouts -> rewards and advantages ->
+jitted updates -> metrics), `trainer` (the run around the steps: directories, resume,
+logging, evaluation, export), `rollout` (sampling groups and scoring them in the env),
+`batch` (the one training-batch pytree and its minibatch slicing), `losses`,
+`advantages`, `optim`, `checkpointing`, `config` (every setting, flat on the command
+line), `evaluate`, `distributed`.
+
 Public API:
 - advantages: `get_advantage(name)(rewards[G, n]) -> [G, n]` for "grpo", "dr_grpo", "rloo",
   "reinforce", "reinforce_plus_plus"; `register_advantage`, `ADVANTAGES`,
@@ -18,7 +25,6 @@ from vlmgym_train.advantages import (
     dr_grpo,
     dynamic_sampling_mask,
     get_advantage,
-    grpo,
     register_advantage,
     reinforce_plus_plus,
     rloo,
@@ -68,7 +74,6 @@ __all__ = [
     "dynamic_sampling_mask",
     "get_advantage",
     "get_loss",
-    "grpo",
     "gspo",
     "is_finite",
     "kl_penalty",

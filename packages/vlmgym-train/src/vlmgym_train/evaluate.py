@@ -124,6 +124,47 @@ def _load_existing(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def _resume(out: Path, num_samples: int) -> tuple[list[dict[str, Any]], set[int]]:
+    """Records of the tasks a previous run of this evaluation finished, and those tasks.
+
+    The records file is rewritten without partly sampled tasks, so appends continue from
+    a clean file.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    previous = _load_existing(out / "records.jsonl")
+    counts: dict[int, int] = defaultdict(int)
+    for r in previous:
+        counts[r["task"]] += 1
+    done = {t for t, c in counts.items() if c >= num_samples}
+    records = [r for r in previous if r["task"] in done]
+    (out / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return records, done
+
+
+def _task_records(env: Env, task: int, state: Any, obs: Any, group: list[Any]) -> list[dict]:
+    """One record per sample of a task: its completion, the env's verdict, its info."""
+    results = env.step_many([state] * len(group), [s.text for s in group])
+    records = []
+    for j, (sample, result) in enumerate(zip(group, results, strict=True)):
+        info = jsonable(result.info)
+        records.append(
+            {
+                "task": int(task),
+                "sample": j,
+                "prompt": _prompt_text(obs.messages),
+                "image": _image_reference(state, int(task)),
+                "completion": sample.text,
+                "parsed": info.get("parsed", info.get("answer")),
+                "reward": float(result.reward),
+                "finish_reason": sample.finish_reason,
+                "length": sample.length,
+                "info": info,
+                "state": jsonable(state),
+            }
+        )
+    return records
+
+
 def evaluate(
     params: Any,
     sampler: Sampler,
@@ -131,24 +172,17 @@ def evaluate(
     cfg: EvalConfig,
     output_dir: str | Path | None = None,
 ) -> EvalResult:
-    """Evaluate `params` on `env`; write records, metrics and plots to `output_dir`."""
+    """Evaluate `params` on `env`; write records, metrics and plots to `output_dir`.
+
+    With an `output_dir` that holds a killed run's records, the tasks it finished are
+    kept and the rest are sampled: the result equals an uninterrupted run's.
+    """
     total = len(env) if cfg.max_eval_tasks is None else min(len(env), cfg.max_eval_tasks)
     if total < 1:
         raise ValueError("the environment has no tasks to evaluate")
     tasks = np.random.default_rng(cfg.seed).permutation(len(env))[:total].tolist()
     out = Path(output_dir) if output_dir is not None else None
-    records: list[dict[str, Any]] = []
-    done: set[int] = set()
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        previous = _load_existing(out / "records.jsonl")
-        counts: dict[int, int] = defaultdict(int)
-        for r in previous:
-            counts[r["task"]] += 1
-        done = {t for t, c in counts.items() if c >= cfg.num_samples}
-        records = [r for r in previous if r["task"] in done]
-        # rewrite without partial tasks, so appends continue from a clean file
-        (out / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    records, done = _resume(out, cfg.num_samples) if out is not None else ([], set())
     sampling = SamplingParams(
         max_new_tokens=cfg.num_generation_tokens,
         temperature=cfg.temperature,
@@ -174,26 +208,10 @@ def evaluate(
             resets = env.reset_many(batch)
             gen = sampler.generate(params, [obs.messages for _, obs in resets], sampling, key)
             for task, (state, obs), group in zip(batch, resets, gen.samples, strict=True):
-                results = env.step_many([state] * len(group), [s.text for s in group])
-                for j, (sample, result) in enumerate(zip(group, results, strict=True)):
-                    info = jsonable(result.info)
-                    record = {
-                        "task": int(task),
-                        "sample": j,
-                        "prompt": _prompt_text(obs.messages),
-                        "image": _image_reference(state, int(task)),
-                        "completion": sample.text,
-                        "parsed": info.get("parsed", info.get("answer")),
-                        "reward": float(result.reward),
-                        "finish_reason": sample.finish_reason,
-                        "length": sample.length,
-                        "info": info,
-                        "state": jsonable(state),
-                    }
-                    records.append(record)
-                    if sink is not None:
-                        sink.write(json.dumps(record) + "\n")
+                new = _task_records(env, task, state, obs, group)
+                records.extend(new)
                 if sink is not None:
+                    sink.write("".join(json.dumps(r) + "\n" for r in new))
                     sink.flush()
             if bar is not None:
                 bar.update(len(batch))

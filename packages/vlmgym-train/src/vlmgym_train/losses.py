@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -87,6 +87,22 @@ class LossInputs:
     ref_logp: jax.Array | None = None
     entropy: jax.Array | None = None
     num_tokens: jax.Array | None = None
+
+    @classmethod
+    def from_batch(
+        cls, batch: Any, logp: jax.Array, entropy: jax.Array | None = None
+    ) -> LossInputs:
+        """The loss's view of a training `vlmgym_train.batch.Batch` and the policy's
+        log-probs (and entropies) of its completions."""
+        return cls(
+            logp=logp,
+            old_logp=batch.old_logp,
+            mask=batch.mask,
+            advantages=batch.advantages,
+            ref_logp=batch.ref_logp,
+            entropy=entropy,
+            num_tokens=batch.num_tokens,
+        )
 
 
 @dataclasses.dataclass(frozen=True)

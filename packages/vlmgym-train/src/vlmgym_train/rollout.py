@@ -5,8 +5,8 @@ prefill; the environment scores each completion's text. A multi-turn environment
 answers `done=False` gets its next observation appended to that sample's conversation and
 the sample is continued, up to `max_turns`.
 
-Every turn becomes one training row: the prompt it was sampled from (left-padded), the
-tokens actually sampled (right-padded), and their behaviour log-probs. All turns of a
+Every turn becomes one training row (`vlmgym_train.batch.build_batch`): the prompt it was
+sampled from, the tokens actually sampled, and their behaviour log-probs. All turns of a
 trajectory share the trajectory's total reward, hence its advantage.
 """
 
@@ -22,14 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from vlmgym_envs import Env, Observation, StepResult
-from vlmgym_model import (
-    Generation,
-    Qwen2_5_VLConfig,
-    Sample,
-    Sampler,
-    SamplingParams,
-    vision_layout,
-)
+from vlmgym_model import Generation, Sample, Sampler, SamplingParams
 
 from vlmgym_train.jsonable import jsonable
 
@@ -57,36 +50,23 @@ class TurnRows:
     trajectories: list[int]  # trajectory index of each prompt of the generation
 
 
-@dataclasses.dataclass
-class RolloutBatch:
-    """A whole batch, ready for the loss: host numpy arrays, one row per sampled turn.
-
-    Shapes: R rows, T prompt bucket, N = max_new_tokens, S = T + N.
-    """
-
-    input_ids: np.ndarray  # int32[R, S]: prompt (left-padded) then completion
-    segment_ids: np.ndarray  # int32[R, S]: 1 on real tokens
-    positions: np.ndarray  # int32[3, R, S]
-    targets: np.ndarray  # int32[R, N]: the completion tokens
-    mask: np.ndarray  # float32[R, N]: 1 on sampled tokens, up to and including the stop
-    old_logp: np.ndarray  # float32[R, N]: behaviour (untempered) log-probs
-    trajectory: np.ndarray  # int32[R]
-    truncated: np.ndarray  # bool[R]: finished by length, not by a stop token
-    # images of the batch's prompts; features are scattered to (image_rows, image_cols)
-    pixel_values: np.ndarray | None  # float32[P, 1176]
-    image_grid_thw: np.ndarray | None  # int[n_images, 3]
-    image_rows: np.ndarray  # int32[K]
-    image_cols: np.ndarray  # int32[K]
-    image_feature_index: np.ndarray  # int32[K]: which merged feature goes there
-    prompt_len: int  # T
-
-
 def _append_assistant(messages: list[dict[str, Any]], text: str) -> None:
     messages.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
 
 
 def _keys(key: jax.Array, indices: np.ndarray) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(indices, jnp.uint32))
+
+
+def _start_groups(env: Env, tasks: Sequence[int], n: int) -> list[Trajectory]:
+    """`n` fresh trajectories per task (group g = the g-th task), at the env's first turn."""
+    trajectories = []
+    for g, (task, (state, obs)) in enumerate(zip(tasks, env.reset_many(tasks), strict=True)):
+        for _ in range(n):
+            trajectories.append(
+                Trajectory(task=int(task), group=g, messages=list(obs.messages), state=state)
+            )
+    return trajectories
 
 
 def run_groups(
@@ -116,13 +96,7 @@ def run_groups(
 
     n = sampling.num_samples
     t0 = time.perf_counter()
-    resets = env.reset_many(tasks)
-    trajectories: list[Trajectory] = []
-    for g, (task, (state, obs)) in enumerate(zip(tasks, resets, strict=True)):
-        for _ in range(n):
-            trajectories.append(
-                Trajectory(task=int(task), group=g, messages=list(obs.messages), state=state)
-            )
+    trajectories = _start_groups(env, tasks, n)
     t_reset = time.perf_counter() - t0
     turns: list[TurnRows] = []
     t_sample = t_wait = 0.0
@@ -341,147 +315,3 @@ def gather_round(
         return list(trajectories), list(turns)
     shares = allgather_arrays(round_to_arrays(trajectories, turns))
     return merge_rounds([round_from_arrays(share) for share in shares])
-
-
-def _images_of_prompts(
-    gen: Generation, image_token_id: int, merge: int
-) -> list[tuple[int, int, int, int]]:
-    """For each prompt: (first grid row, grid rows, first patch, patches) of its images."""
-    grids = np.zeros((0, 3), np.int64) if gen.image_grid_thw is None else gen.image_grid_thw
-    tokens_per_image = grids.prod(axis=1) // merge
-    out = []
-    k = 0
-    patch = 0
-    for b in range(gen.prompt_ids.shape[0]):
-        need = int((gen.prompt_ids[b] == image_token_id).sum())
-        first, first_patch = k, patch
-        while need > 0:
-            need -= int(tokens_per_image[k])
-            patch += int(grids[k].prod())
-            k += 1
-        if need:
-            raise ValueError(f"prompt {b}: image placeholders do not match image_grid_thw")
-        out.append((first, k - first, first_patch, patch - first_patch))
-    return out
-
-
-def build_batch(
-    config: Qwen2_5_VLConfig,
-    turns: Sequence[TurnRows],
-    max_new_tokens: int,
-    pad_token_id: int,
-    select: Sequence[int] | None = None,
-) -> RolloutBatch:
-    """Assemble the training rows of the selected trajectories into one RolloutBatch.
-
-    Args:
-      select: trajectory indices to train on, in order (default: all). Row
-        `trajectory` ids are positions in this list. Images of prompts none of whose
-        samples are selected are left out.
-
-    Turns of a multi-turn rollout may have different prompt buckets; all rows are
-    left-padded to the longest.
-    """
-    if select is None:
-        select = sorted(
-            {
-                o + (j if len(group) > 1 else 0)
-                for t in turns
-                for o, group in zip(t.trajectories, t.generation.samples, strict=True)
-                for j in range(len(group))
-            }
-        )
-    position = {int(o): i for i, o in enumerate(select)}
-    T = max(t.generation.prompt_ids.shape[1] for t in turns)
-    N = max_new_tokens
-    ids, seg, pos, tgt, mask, old, traj, trunc = [], [], [], [], [], [], [], []
-    img_rows, img_cols, img_feat = [], [], []
-    pixels, grids = [], []
-    row = 0
-    feature_offset = 0
-    merge = config.vision.merge_unit
-    for turn in turns:
-        gen = turn.generation
-        Tg = gen.prompt_ids.shape[1]
-        shift = T - Tg
-        images = _images_of_prompts(gen, config.image_token_id, merge)
-        for b, group in enumerate(gen.samples):
-            owners = [
-                turn.trajectories[b] + (j if len(group) > 1 else 0) for j in range(len(group))
-            ]
-            chosen = [j for j, o in enumerate(owners) if o in position]
-            if not chosen:
-                continue
-            first_grid, n_grids, first_patch, n_patches = images[b]
-            if n_grids:
-                assert gen.pixel_values is not None and gen.image_grid_thw is not None
-                pixels.append(gen.pixel_values[first_patch : first_patch + n_patches])
-                grids.append(gen.image_grid_thw[first_grid : first_grid + n_grids])
-            p_ids = np.full(T, pad_token_id, np.int32)
-            p_seg = np.zeros(T, np.int32)
-            p_pos = np.zeros((3, T), np.int32)
-            p_ids[shift:] = gen.prompt_ids[b]
-            p_seg[shift:] = gen.prompt_mask[b]
-            p_pos[:, shift:] = gen.prompt_positions[:, b]
-            prompt_len = int(gen.prompt_mask[b].sum())
-            next_pos = prompt_len + int(gen.rope_deltas[b])
-            placeholders = np.flatnonzero(p_ids == config.image_token_id).astype(np.int32)
-            features = (feature_offset + np.arange(len(placeholders))).astype(np.int32)
-            feature_offset += len(placeholders)
-            for j in chosen:
-                sample = group[j]
-                k = sample.length
-                c_ids = np.full(N, pad_token_id, np.int32)
-                c_ids[:k] = sample.tokens
-                c_pos = np.broadcast_to(next_pos + np.arange(N, dtype=np.int32), (3, N))
-                ids.append(np.concatenate([p_ids, c_ids]))
-                seg.append(np.concatenate([p_seg, (np.arange(N) < k).astype(np.int32)]))
-                pos.append(np.concatenate([p_pos, c_pos], axis=1))
-                tgt.append(c_ids)
-                m = np.zeros(N, np.float32)
-                m[:k] = 1.0
-                mask.append(m)
-                lp = np.zeros(N, np.float32)
-                lp[:k] = sample.logprobs
-                old.append(lp)
-                traj.append(position[owners[j]])
-                trunc.append(sample.finish_reason == "length")
-                img_rows.append(np.full(len(placeholders), row, np.int32))
-                img_cols.append(placeholders)
-                img_feat.append(features)
-                row += 1
-    if not ids:
-        raise ValueError("no rows selected for the batch")
-    empty = np.zeros(0, np.int32)
-    return RolloutBatch(
-        input_ids=np.stack(ids),
-        segment_ids=np.stack(seg),
-        positions=np.stack(pos, axis=1),
-        targets=np.stack(tgt),
-        mask=np.stack(mask),
-        old_logp=np.stack(old),
-        trajectory=np.asarray(traj, np.int32),
-        truncated=np.asarray(trunc, bool),
-        pixel_values=np.concatenate(pixels) if pixels else None,
-        image_grid_thw=np.concatenate(grids) if grids else None,
-        image_rows=np.concatenate(img_rows) if img_rows else empty,
-        image_cols=np.concatenate(img_cols) if img_cols else empty,
-        image_feature_index=np.concatenate(img_feat) if img_feat else empty,
-        prompt_len=T,
-    )
-
-
-def image_layout_arrays(config: Qwen2_5_VLConfig, grids: np.ndarray | None) -> dict[str, Any]:
-    """The vision tower's host-side layout for a batch's images (empty dict without images)."""
-    if grids is None or not len(grids):
-        return {}
-    layout = vision_layout(grids, config.vision)
-    return {
-        "patch_order": layout.patch_order,
-        "unit_inverse": layout.unit_inverse,
-        "positions": layout.positions,
-        "window_segments": layout.window_segments,
-        "image_segments": layout.image_segments,
-        "max_window_len": layout.max_window_len,
-        "max_image_len": layout.max_image_len,
-    }

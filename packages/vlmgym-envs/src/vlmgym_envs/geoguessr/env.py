@@ -80,6 +80,35 @@ class OSV5MRecord:
     truth: GeoTruth
 
 
+def _read_split_csv(csv_path: Path) -> Any:
+    """A split's CSV as a pyarrow table of REQUIRED_COLUMNS; DataError names what is wrong."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    if not csv_path.is_file():
+        raise DataError(f"OSV-5M split file not found: {csv_path}")
+    try:
+        header = _csv_header(csv_path)
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read {csv_path}: {e}") from e
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise DataError(f"{csv_path} lacks column(s) {missing}; it has {header}")
+    types = {c: pa.string() for c in REQUIRED_COLUMNS}
+    types.update(latitude=pa.float64(), longitude=pa.float64())
+    try:
+        return pacsv.read_csv(
+            csv_path,
+            convert_options=pacsv.ConvertOptions(
+                include_columns=list(REQUIRED_COLUMNS),
+                column_types=types,
+                strings_can_be_null=False,
+            ),
+        )
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"cannot read {csv_path}: {e}") from e
+
+
 class OSV5MDataset:
     """OSV-5M rows with an image and finite coordinates, in CSV order.
 
@@ -96,41 +125,11 @@ class OSV5MDataset:
         on_missing_image: Literal["skip", "error"] = "skip",
         download: bool = False,
     ) -> None:
-        import pyarrow as pa
-        import pyarrow.csv as pacsv
-
         if on_missing_image not in ("skip", "error"):
             raise ValueError(f"on_missing_image must be 'skip' or 'error': {on_missing_image!r}")
         root = resolve_data_dir(data_dir, split, download)
         csv_path = root / f"{split}.csv"
-        if not csv_path.is_file():
-            raise DataError(f"OSV-5M split file not found: {csv_path}")
-        try:
-            header = _csv_header(csv_path)
-        except (OSError, UnicodeDecodeError) as e:
-            raise DataError(f"cannot read {csv_path}: {e}") from e
-        missing = [c for c in REQUIRED_COLUMNS if c not in header]
-        if missing:
-            raise DataError(f"{csv_path} lacks column(s) {missing}; it has {header}")
-        try:
-            table = pacsv.read_csv(
-                csv_path,
-                convert_options=pacsv.ConvertOptions(
-                    include_columns=list(REQUIRED_COLUMNS),
-                    column_types={
-                        "id": pa.string(),
-                        "latitude": pa.float64(),
-                        "longitude": pa.float64(),
-                        "country": pa.string(),
-                        "region": pa.string(),
-                        "sub-region": pa.string(),
-                        "city": pa.string(),
-                    },
-                    strings_can_be_null=False,
-                ),
-            )
-        except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(f"cannot read {csv_path}: {e}") from e
+        table = _read_split_csv(csv_path)
         if max_rows is not None:
             table = table.slice(0, max_rows)
         if table.num_rows == 0:

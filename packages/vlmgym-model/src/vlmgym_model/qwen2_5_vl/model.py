@@ -70,58 +70,186 @@ def check_image_placeholders(
     return n_tokens
 
 
-def embed_inputs(
-    weights: TextWeights,
-    input_ids: jax.Array,
-    image_features: jax.Array | None = None,
-    image_index: tuple[jax.Array, jax.Array] | None = None,
-) -> jax.Array:
-    """Token embeddings with image features written over the placeholder tokens.
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ImageInputs:
+    """A batch's images and where their merged features go (a pytree; see `image_inputs`).
 
-    Args:
-      input_ids: int[B, T].
-      image_features: [M, D], the vision tower's merged outputs, in placeholder order.
-      image_index: (rows int[M], columns int[M]) of the placeholders, row-major, as
-        `np.nonzero(input_ids == image_token_id)` gives them.
+    The index arrays are `VisionLayout`'s; its two segment bounds are static fields, so a
+    jitted function taking `ModelInputs` compiles once per bound, not once per value.
+    """
+
+    pixel_values: jax.Array  # float32[P, C * T * p * p], HF's patch order
+    patch_order: jax.Array  # int32[P]
+    unit_inverse: jax.Array  # int32[P // merge_unit]
+    patch_positions: jax.Array  # int32[P, 2]
+    window_segments: jax.Array  # int32[P]
+    image_segments: jax.Array  # int32[P]
+    rows: jax.Array  # int32[K]: (row, column) of each placeholder token that gets a feature
+    cols: jax.Array  # int32[K]
+    feature_index: jax.Array  # int32[K]: which merged feature goes there
+    max_window_len: int = dataclasses.field(metadata={"static": True})
+    max_image_len: int = dataclasses.field(metadata={"static": True})
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ModelInputs:
+    """Everything the model reads for a batch of sequences: the one input of `embed`.
+
+    Built on the host by `model_inputs` (numpy leaves are fine: jit converts them).
+    """
+
+    ids: jax.Array  # int32[B, T]
+    segment_ids: jax.Array  # int32[B, T]: 1 on tokens, 0 on padding
+    positions: jax.Array  # int32[3, B, T]: mRoPE positions
+    images: ImageInputs | None = None
+
+
+def image_inputs(
+    config: Qwen2_5_VLConfig,
+    pixel_values: Any,
+    image_grid_thw: Any,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    feature_index: np.ndarray | None = None,
+) -> ImageInputs:
+    """`ImageInputs` for images whose placeholders sit at (rows, cols) (host side).
+
+    feature_index: which merged feature each placeholder receives (default: the k-th
+    placeholder in row-major order gets the k-th feature, as the processor lays them out).
+    """
+    layout = vision.vision_layout(image_grid_thw, config.vision)
+    pixels = np.asarray(pixel_values, np.float32)
+    expected = (layout.num_patches, config.vision.patch_dim)
+    if pixels.shape != expected:
+        raise ValueError(
+            f"pixel_values has shape {pixels.shape}, but image_grid_thw describes "
+            f"{layout.num_patches} patches of {config.vision.patch_dim} values: "
+            f"expected {expected}"
+        )
+    if feature_index is None:
+        feature_index = np.arange(len(rows), dtype=np.int32)
+    return ImageInputs(
+        pixel_values=pixels,
+        patch_order=layout.patch_order,
+        unit_inverse=layout.unit_inverse,
+        patch_positions=layout.positions,
+        window_segments=layout.window_segments,
+        image_segments=layout.image_segments,
+        rows=np.asarray(rows, np.int32),
+        cols=np.asarray(cols, np.int32),
+        feature_index=np.asarray(feature_index, np.int32),
+        max_window_len=layout.max_window_len,
+        max_image_len=layout.max_image_len,
+    )
+
+
+def model_inputs(
+    config: Qwen2_5_VLConfig,
+    input_ids: Any,
+    attention_mask: Any = None,
+    pixel_values: Any = None,
+    image_grid_thw: Any = None,
+    *,
+    position_ids: Any = None,
+) -> tuple[ModelInputs, np.ndarray]:
+    """Host-side `ModelInputs` from processor outputs, and each row's mRoPE delta.
+
+    Checks that the image placeholders match the images, derives mRoPE positions (HF's
+    `get_rope_index`) unless `position_ids` are given, and lays the images out for the
+    vision tower. Returns (inputs, int[B] rope deltas: next position - sequence length).
+    """
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2:
+        raise ValueError(f"input_ids must be [B, T], got shape {ids.shape}")
+    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+    if mask.shape != ids.shape:
+        raise ValueError(
+            f"attention_mask has shape {mask.shape} but input_ids has shape {ids.shape}"
+        )
+    if (pixel_values is None) != (image_grid_thw is None):
+        raise ValueError("pixel_values and image_grid_thw must be given together")
+    grids = None if image_grid_thw is None else np.asarray(image_grid_thw)
+    n_image_tokens = check_image_placeholders(config, ids, grids)
+    if position_ids is None:
+        positions, deltas = get_rope_index(ids, mask, grids, config)
+    else:
+        positions = np.asarray(position_ids)
+        if positions.shape != (3, *ids.shape):
+            raise ValueError(
+                f"position_ids must be [3, B, T] = {(3, *ids.shape)}, got {positions.shape}"
+            )
+        deltas = positions.max(axis=(0, 2)) + 1 - (mask != 0).sum(axis=1)
+    images = None
+    if n_image_tokens:
+        rows, cols = np.nonzero(ids == config.image_token_id)
+        images = image_inputs(config, pixel_values, grids, rows, cols)
+    inputs = ModelInputs(
+        ids=ids.astype(np.int32),
+        segment_ids=(mask != 0).astype(np.int32),
+        positions=np.asarray(positions, np.int32),
+        images=images,
+    )
+    return inputs, np.asarray(deltas)
+
+
+def embed(
+    params: Qwen2_5_VLWeights,
+    config: Qwen2_5_VLConfig,
+    inputs: ModelInputs,
+    *,
+    impl: str = "xla",
+    remat: bool = False,
+    train_vision: bool = True,
+) -> jax.Array:
+    """The decoder's input: token embeddings with the images' features over their
+    placeholders. Sampling's prefill, `forward` and training's log-prob pass all start here.
+
+    Tokens are never re-read as image placeholders (`ImageInputs` says where features
+    go), so a completion that happens to contain the placeholder id is safe to score.
+    `train_vision=False` stops gradients at the vision tower's weights.
 
     Returns:
       [B, T, D] in the embedding's dtype.
     """
-    x = text.embed_tokens(weights, input_ids)  # [B, T, D]
-    if image_features is None:
+    x = text.embed_tokens(params.text, inputs.ids)  # [B, T, D]
+    img = inputs.images
+    if img is None:
         return x
-    if image_index is None:
-        raise ValueError("image_features need image_index (where the placeholders are)")
-    rows, cols = image_index
-    return x.at[rows, cols].set(image_features.astype(x.dtype))
+    vision_params = params.vision if train_vision else jax.lax.stop_gradient(params.vision)
+    _, merged = vision.vision_tower(
+        vision_params,
+        img.pixel_values,
+        img.patch_order,
+        img.unit_inverse,
+        img.patch_positions,
+        img.window_segments,
+        img.image_segments,
+        cfg=config.vision,
+        impl=impl,
+        max_window_len=img.max_window_len,
+        max_image_len=img.max_image_len,
+        remat=remat,
+    )  # [M, D]
+    features = merged[img.feature_index]  # [K, D]
+    return x.at[img.rows, img.cols].set(features.astype(x.dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "impl"))
 def forward_tokens(
     params: Qwen2_5_VLWeights,
-    input_ids: jax.Array,
-    segment_ids: jax.Array,
-    positions: jax.Array,
-    image_features: jax.Array | None = None,
-    image_index: tuple[jax.Array, jax.Array] | None = None,
+    inputs: ModelInputs,
     *,
     config: Qwen2_5_VLConfig,
     impl: str = "xla",
 ) -> jax.Array:
-    """The jitted core of `forward`, with everything explicit (no host-side derivation).
-
-    Args:
-      input_ids: int[B, T]; segment_ids: int[B, T] (0 on padding); positions: int[3, B, T].
-      image_features: [M, D] merged vision features and image_index (rows, cols) int[M]
-        each: where they go. Tokens are never re-read as image placeholders here, so a
-        completion that happens to contain the placeholder id is safe to score.
-
-    Returns:
-      float32[B, T, V] logits.
-    """
-    x = embed_inputs(params.text, input_ids, image_features, image_index)  # [B, T, D]
-    cos, sin = mrope_cos_sin(positions, config.text)  # [B, T, H]
-    hidden, _ = text.decode_layers(params.text, x, cos, sin, segment_ids, config.text, impl=impl)
+    """The jitted core of `forward`: float32[B, T, V] logits of `ModelInputs`."""
+    x = embed(params, config, inputs, impl=impl)  # [B, T, D]
+    cos, sin = mrope_cos_sin(inputs.positions, config.text)  # [B, T, H]
+    hidden, _ = text.decode_layers(
+        params.text, x, cos, sin, inputs.segment_ids, config.text, impl=impl
+    )
     return text.logits_from_hidden(params.text, hidden)  # [B, T, V]
 
 
@@ -153,40 +281,12 @@ def forward(
     Returns:
       float32[B, T, V] logits. Logits at padding positions are not meaningful.
     """
-    ids = np.asarray(input_ids)
-    if ids.ndim != 2:
-        raise ValueError(f"input_ids must be [B, T], got shape {ids.shape}")
-    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
-    if mask.shape != ids.shape:
-        raise ValueError(
-            f"attention_mask has shape {mask.shape} but input_ids has shape {ids.shape}"
-        )
-    if (pixel_values is None) != (image_grid_thw is None):
-        raise ValueError("pixel_values and image_grid_thw must be given together")
-    grids = None if image_grid_thw is None else np.asarray(image_grid_thw)
-    n_image_tokens = check_image_placeholders(config, ids, grids)
-    if position_ids is None:
-        positions, _ = get_rope_index(ids, mask, grids, config)
-    else:
-        positions = np.asarray(position_ids)
-        if positions.shape != (3, *ids.shape):
-            raise ValueError(
-                f"position_ids must be [3, B, T] = {(3, *ids.shape)}, got {positions.shape}"
-            )
-    features, index = None, None
-    if n_image_tokens:
-        features = vision.encode_images(
-            params.vision, config.vision, pixel_values, grids, impl=impl
-        )  # [M, D]
-        rows, cols = np.nonzero(ids == config.image_token_id)
-        index = (jnp.asarray(rows, jnp.int32), jnp.asarray(cols, jnp.int32))
-    return forward_tokens(
-        params,
-        jnp.asarray(ids, jnp.int32),
-        jnp.asarray(mask != 0, jnp.int32),
-        jnp.asarray(positions),
-        features,
-        index,
-        config=config,
-        impl=impl,
+    inputs, _ = model_inputs(
+        config,
+        input_ids,
+        attention_mask,
+        pixel_values,
+        image_grid_thw,
+        position_ids=position_ids,
     )
+    return forward_tokens(params, inputs, config=config, impl=impl)

@@ -1,0 +1,320 @@
+"""One GRPO-family training step, top to bottom, as plain functions.
+
+    grpo_step(setup, state, step)
+      1. collect_groups   tasks of the step -> `group_size` samples each, scored by the env;
+                          with dynamic sampling, groups of equal rewards are replaced
+      2. score_groups     rows of the chosen trajectories (`build_batch`); rewards shaped by
+                          the overlong penalty; advantages per group; the overlong mask
+      3. (reference)      log-probs under the frozen reference policy, when kl_coef > 0
+      4. update           `ppo_epochs` x `minibatches` jitted `train_step`s: log-probs under
+                          the current params, the registered loss, a NaN-skipping update
+      5. step_metrics     what the step logs
+
+The loss functions are in `losses.py`, the advantage estimators in `advantages.py`;
+`Trainer` (trainer.py) builds a `StepSetup` once and runs steps: directories, resume,
+logging, evaluation and export are its business, not the step's.
+
+A step is the unit everything counts in (`--total_steps`, `--save_interval`,
+`--test_interval`, the metrics' x axis): one rollout of `groups_per_batch` x `group_size`
+trajectories and the `TrainConfig.updates_per_step` optimizer updates taken on it.
+Everything random derives from (seed, step), so a resumed run takes the same steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from vlmgym_envs import Env
+from vlmgym_model import (
+    CompletionStatics,
+    Qwen2_5_VLConfig,
+    Sampler,
+    SamplingParams,
+    completion_logprobs,
+)
+
+from vlmgym_train import distributed
+from vlmgym_train.advantages import dynamic_sampling_mask
+from vlmgym_train.batch import Batch, build_batch, slice_rows
+from vlmgym_train.checkpointing import TrainState
+from vlmgym_train.config import TrainConfig
+from vlmgym_train.losses import (
+    LossConfig,
+    LossInputs,
+    get_loss,
+    mask_truncated,
+    overlong_penalty,
+)
+from vlmgym_train.metrics_log import mean_info
+from vlmgym_train.optim import apply_if_finite, cast_for_compute
+from vlmgym_train.rollout import Trajectory, TurnRows, gather_round, merge_rounds, run_groups
+
+
+class DataOrder:
+    """A seeded permutation of the env's tasks per epoch; `position` is checkpointed."""
+
+    def __init__(self, size: int, seed: int, position: int = 0) -> None:
+        if size < 1:
+            raise ValueError("the environment has no tasks")
+        self.size, self.seed, self.position = size, seed, position
+
+    def take(self, n: int) -> list[int]:
+        out = []
+        for _ in range(n):
+            epoch, offset = divmod(self.position, self.size)
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.size)
+            out.append(int(perm[offset]))
+            self.position += 1
+        return out
+
+
+@dataclasses.dataclass
+class StepSetup:
+    """Everything a step reads besides the train state (built once by the `Trainer`).
+
+    update_fn: the jitted `train_step` for this run's model, loss and optimizer.
+    place: puts a host `Batch` on the mesh (rows split over the batch axes).
+    rollout_params: the params the sampler reads, from the current state.
+    ref_logprobs: float32[R, N] log-probs of a placed batch under the reference policy,
+      or None without a KL term.
+    """
+
+    cfg: TrainConfig
+    env: Env
+    sampler: Sampler
+    sampling: SamplingParams
+    model_config: Qwen2_5_VLConfig
+    data: DataOrder
+    advantage_fn: Callable[[jax.Array], jax.Array]
+    update_fn: Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]
+    place: Callable[[Batch], Batch]
+    rollout_params: Callable[[TrainState], Any]
+    ref_logprobs: Callable[[Batch], jax.Array] | None = None
+
+
+@dataclasses.dataclass
+class Rollouts:
+    """One step's sampled trajectories and which of them it trains on."""
+
+    trajectories: list[Trajectory]
+    turns: list[TurnRows]
+    select: list[int]  # trajectory indices, `group_size` per chosen group
+    stats: dict[str, float]
+
+
+def grpo_step(setup: StepSetup, state: TrainState, step: int) -> tuple[TrainState, dict]:
+    """One training step (rollouts, advantages, updates); the new state and its metrics."""
+    t0 = time.perf_counter()
+    rollouts = collect_groups(setup, setup.rollout_params(state), step)
+    batch, trajs, rewards, advantages = score_groups(setup, rollouts)
+    rollouts.stats["time/rollout_s"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    if setup.ref_logprobs is not None:
+        ref = setup.ref_logprobs(setup.place(batch))
+        batch = dataclasses.replace(batch, ref_logp=distributed.to_host(ref))
+    rollouts.stats["time/ref_logprob_s"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    state, update_metrics = update(setup, state, batch, step)
+    rollouts.stats["time/update_s"] = time.perf_counter() - t2
+    metrics = step_metrics(update_metrics, batch, trajs, rewards, advantages, rollouts.stats)
+    metrics["time/step_s"] = elapsed = time.perf_counter() - t0
+    metrics["samples/s"] = float(len(trajs)) / elapsed
+    return state, metrics
+
+
+def collect_groups(setup: StepSetup, params: Any, step: int) -> Rollouts:
+    """Rollouts for one step, `groups_per_batch` groups of `group_size` trajectories.
+
+    With dynamic sampling (DAPO), groups whose rewards are all equal carry no gradient:
+    they are replaced by groups of new tasks, up to `max_refill_rounds` extra rounds; if
+    too few informative groups turn up, equal-reward groups fill the batch (they get zero
+    advantage). With several processes, each rolls out an equal share of every round.
+    """
+    cfg, n = setup.cfg, setup.cfg.group_size
+    key = jax.random.fold_in(jax.random.key(cfg.seed), step)
+    rounds: list[tuple[list[Trajectory], list[TurnRows]]] = []
+    stats: dict[str, float] = {}
+    informative: list[int] = []
+    uninformative: list[int] = []
+    n_proc = jax.process_count()
+    for attempt in range(cfg.max_refill_rounds + 1 if cfg.dynamic_sampling else 1):
+        need = cfg.groups_per_batch - len(informative) if attempt else cfg.groups_per_batch
+        need = -(-need // n_proc) * n_proc  # an equal share for every process
+        tasks, offset = distributed.share(setup.data.take(need))
+        trajs, turns, timings = run_groups(
+            setup.env,
+            setup.sampler,
+            params,
+            tasks,
+            setup.sampling,
+            jax.random.fold_in(key, attempt),
+            max_turns=cfg.max_turns,
+            group_offset=offset,
+            chunks=cfg.rollout_chunks,
+        )
+        timings["rollout/groups_local"] = float(len(tasks))
+        for k, v in timings.items():
+            stats[k] = stats.get(k, 0.0) + v
+        trajs, turns = gather_round(trajs, turns)
+        groups_seen = sum(len(r[0]) for r in rounds) // n
+        rounds.append((trajs, turns))
+        rewards = np.array([t.reward for t in trajs], np.float32).reshape(-1, n)
+        for g, keep in enumerate(np.asarray(dynamic_sampling_mask(rewards))):
+            (informative if keep else uninformative).append(groups_seen + g)
+        if not cfg.dynamic_sampling or len(informative) >= cfg.groups_per_batch:
+            break
+    trajectories, turns = merge_rounds(rounds)
+    if cfg.dynamic_sampling:
+        chosen = sorted((informative + uninformative)[: cfg.groups_per_batch])
+        stats["groups/refill_rounds"] = float(len(rounds) - 1)
+        stats["groups/informative"] = float(min(len(informative), cfg.groups_per_batch))
+    else:
+        chosen = list(range(cfg.groups_per_batch))
+    select = [g * n + j for g in chosen for j in range(n)]
+    return Rollouts(trajectories, turns, select, stats)
+
+
+def shape_rewards(rewards: np.ndarray, lengths: np.ndarray, cfg: TrainConfig) -> np.ndarray:
+    """The env's rewards plus DAPO's overlong penalty (with `--overlong penalty`).
+
+    lengths: int[G * n], each trajectory's completion tokens over all its turns.
+    """
+    if cfg.overlong != "penalty":
+        return rewards
+    assert cfg.num_generation_tokens is not None
+    penalty = overlong_penalty(lengths, cfg.num_generation_tokens, cfg.overlong_buffer)
+    return rewards + np.asarray(penalty)
+
+
+def score_groups(
+    setup: StepSetup, rollouts: Rollouts
+) -> tuple[Batch, list[Trajectory], np.ndarray, np.ndarray]:
+    """The training rows of the chosen trajectories, with their advantages.
+
+    Returns (batch, trajectories, rewards float32[G, n] after shaping, advantages [G, n]).
+    """
+    cfg = setup.cfg
+    assert cfg.num_generation_tokens is not None
+    batch = build_batch(
+        setup.model_config,
+        rollouts.turns,
+        cfg.num_generation_tokens,
+        setup.sampler.pad_token_id,
+        rollouts.select,
+        prompt_slots=cfg.groups_per_batch,
+    )
+    trajs = [rollouts.trajectories[i] for i in rollouts.select]
+    # A trajectory's rows are its turns: its length is their completion tokens summed.
+    lengths = np.bincount(batch.trajectory, weights=batch.lengths(), minlength=len(trajs))
+    lengths = lengths.astype(np.int64)
+    for t, length in zip(trajs, lengths, strict=True):
+        t.info["length"] = int(length)  # logged with the env's info
+    rewards = shape_rewards(np.array([t.reward for t in trajs], np.float32), lengths, cfg)
+    rewards = rewards.reshape(cfg.groups_per_batch, cfg.group_size)
+    advantages = np.asarray(setup.advantage_fn(jnp.asarray(rewards)))
+    mask = batch.mask
+    if cfg.overlong == "mask":  # DAPO's overlong filtering: truncated rows leave the loss
+        mask = np.asarray(mask_truncated(mask, batch.truncated))
+    batch = dataclasses.replace(
+        batch,
+        mask=mask,
+        advantages=advantages.reshape(-1)[batch.trajectory].astype(np.float32),
+        # --token_normaliser batch: every minibatch divides by the step's tokens / minibatches
+        # (TRL's "dapo"); None: each minibatch by its own token count
+        num_tokens=np.float32(mask.sum() / cfg.minibatches)
+        if cfg.token_normaliser == "batch"
+        else None,
+    )
+    return batch, trajs, rewards, advantages
+
+
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    tx: optax.GradientTransformation,
+    config: Qwen2_5_VLConfig,
+    statics: CompletionStatics,
+    loss_name: str,
+    loss_cfg: LossConfig,
+    compute_dtype: Any,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update on one (mini)batch (jit this with the keyword arguments bound)."""
+    loss_fn = get_loss(loss_name)
+
+    def objective(params: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+        compute_params = cast_for_compute(params, compute_dtype)
+        logp, entropy = completion_logprobs(compute_params, config, batch.inputs, statics)
+        return loss_fn(LossInputs.from_batch(batch, logp, entropy), loss_cfg)
+
+    (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    grad_norm = optax.tree.norm(grads)
+    params, opt_state, ok = apply_if_finite(
+        tx, grads, state.opt_state, state.params, loss, grad_norm
+    )
+    metrics = dict(metrics)
+    metrics["grad_norm"] = grad_norm
+    metrics["skipped"] = (~ok).astype(jnp.float32)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def update(
+    setup: StepSetup, state: TrainState, batch: Batch, step: int
+) -> tuple[TrainState, list[dict[str, float]]]:
+    """`ppo_epochs` passes over the batch, each in `minibatches` shuffled minibatches.
+
+    Minibatches are cut on the host and placed on the mesh one at a time. With one
+    minibatch the rows keep their order (no shuffle).
+    """
+    cfg = setup.cfg
+    rng = np.random.default_rng([cfg.seed, step])
+    metrics = []
+    for _ in range(cfg.ppo_epochs):
+        rows = batch.num_rows
+        order = rng.permutation(rows) if cfg.minibatches > 1 else np.arange(rows)
+        for rows in np.split(order, cfg.minibatches):
+            state, m = setup.update_fn(state, setup.place(slice_rows(batch, rows)))
+            metrics.append(m)
+    return state, jax.device_get(metrics)
+
+
+def step_metrics(
+    updates: list[dict[str, Any]],
+    batch: Batch,
+    trajs: list[Trajectory],
+    rewards: np.ndarray,
+    advantages: np.ndarray,
+    stats: dict[str, float],
+) -> dict[str, float]:
+    """What a step logs: the updates' loss metrics (mean over updates), rewards,
+    advantages, lengths, timings and the env's info (mean over trajectories)."""
+    metrics = {k: float(np.mean([float(m[k]) for m in updates])) for k in updates[0]}
+    lengths = np.asarray(batch.inputs.segment_ids).sum(axis=1)  # sampled tokens per row
+    flat = rewards.reshape(-1)
+    metrics.update(
+        {
+            "reward/mean": float(flat.mean()),
+            "reward/std": float(flat.std()),
+            "reward/max": float(flat.max()),
+            "reward/min": float(flat.min()),
+            "adv/mean": float(advantages.mean()),
+            "adv/std": float(advantages.std()),
+            "adv/abs_max": float(np.abs(advantages).max()),
+            "length/mean": float(lengths.mean()),
+            "length/max": float(lengths.max()),
+            "truncated/frac": float(np.mean(batch.truncated)),
+            "groups/zero_variance": float((~np.asarray(dynamic_sampling_mask(rewards))).mean()),
+            "tokens/s": float(lengths.sum()) / max(stats.get("time/sample_s", 0.0), 1e-9),
+            "skipped": float(sum(float(m["skipped"]) for m in updates)),
+        }
+    )
+    metrics.update({k: float(v) for k, v in stats.items()})
+    metrics.update(mean_info([t.info for t in trajs]))
+    return metrics
