@@ -98,7 +98,7 @@ def test_bench_memory_7b(benchmark, optimizer, remat):
     config = Qwen2_5_VLConfig.from_file(CONFIG)
     tx = make_optimizer(OptimConfig(optimizer=optimizer, lr=1e-6, max_grad_norm=1.0))
     params = abstract_params(param_specs(config), jnp.float32)  # fp32 master weights
-    state = jax.eval_shape(lambda p: TrainState.create(p, tx, jax.random.key(0)), params)
+    state = jax.eval_shape(lambda p: TrainState.create(p, tx), params)
     batch = _abstract_batch(config)
     statics = CompletionStatics(remat=remat)
     step = jax.jit(

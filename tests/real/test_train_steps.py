@@ -99,7 +99,7 @@ def test_three_grpo_steps(loss: str, impl: str, real_dirs, real_batch) -> None:
         ),
         donate_argnums=(0,),
     )
-    state = TrainState.create(params, tx, jax.random.key(0))
+    state = TrainState.create(params, tx)
     del params
     losses = []
     for i in range(3):

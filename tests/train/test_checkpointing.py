@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,13 +36,13 @@ def make_state(seed: int = 0) -> tuple[TrainState, optax.GradientTransformation]
     tx = make_optimizer(
         OptimConfig(lr=1e-2, warmup_steps=2), trainable=trainable_by_name(params, ["vision"])
     )
-    return TrainState.create(params, tx, k[2]), tx
+    return TrainState.create(params, tx), tx
 
 
 def make_update(tx: optax.GradientTransformation):
     @jax.jit
     def update(state: TrainState) -> TrainState:
-        rng, sub = jax.random.split(state.rng)
+        sub = jax.random.fold_in(jax.random.key(7), state.step)
         grads = jax.tree.map(
             lambda p: jax.random.normal(sub, p.shape, jnp.float32).astype(p.dtype), state.params
         )
@@ -50,7 +51,6 @@ def make_update(tx: optax.GradientTransformation):
             step=state.step + 1,
             params=optax.apply_updates(state.params, updates),
             opt_state=opt_state,
-            rng=rng,
         )
 
     return update
@@ -149,7 +149,7 @@ def test_restore_onto_shardings(tmp_path: Path) -> None:
         restored = ckpt.restore(abstract_state=target).state
     assert restored.params["text"]["w"].sharding == rows
     assert restored.params["text"]["b"].sharding == replicated
-    assert restored.rng.sharding == replicated
+    assert restored.step.sharding == replicated
     assert_trees_equal(restored, state)
 
 
@@ -158,3 +158,31 @@ def test_key_where_data_was_saved_is_an_error(tmp_path: Path) -> None:
         ckpt.save(1, {"rng": jnp.zeros((2,), jnp.uint32)})
         with pytest.raises(ValueError, match="PRNG key"):
             ckpt.restore(abstract_state={"rng": jax.random.key(0)})
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _StateWithKey:
+    """TrainState as versions before 0.2 saved it: with a PRNG key nothing read."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def test_checkpoints_with_the_old_rng_entry_restore(tmp_path: Path) -> None:
+    state, _ = make_state()
+    old = _StateWithKey(state.step + 3, state.params, state.opt_state, jax.random.key(5))
+    with TrainCheckpointer(tmp_path) as ckpt:
+        ckpt.save(3, old, data_position=17)
+        restored = ckpt.restore(abstract_state=jax.eval_shape(lambda: state))
+    assert isinstance(restored.state, TrainState) and restored.data_position == 17
+    assert int(restored.state.step) == 3
+    assert_trees_equal(restored.state.params, state.params)
+    assert_trees_equal(restored.state.opt_state, state.opt_state)
+    # and a typed key kept in a state of one's own still round-trips
+    with TrainCheckpointer(tmp_path / "keys") as ckpt:
+        ckpt.save(1, old)
+        back = ckpt.restore(abstract_state=jax.eval_shape(lambda: old)).state
+    assert_trees_equal(back, old)

@@ -1,4 +1,4 @@
-"""Training checkpoints: params, optimizer state, step and RNG, plus JSON metadata.
+"""Training checkpoints: params, optimizer state and step, plus JSON metadata.
 
 ```
 run_dir/checkpoints/
@@ -50,21 +50,19 @@ class TrainState:
     params: pytree       the trained weights (fp32 master weights when training in mixed
                          precision; see `vlmgym_train.optim`).
     opt_state: pytree    `tx.init(params)`.
-    rng: key[]           a typed PRNG key (`jax.random.key(seed)`), split each step.
+
+    No PRNG key: everything random in a step derives from (seed, step) (see
+    `vlmgym_train.grpo`). Checkpoints of older versions, which stored one, still restore.
     """
 
     step: jax.Array
     params: PyTree
     opt_state: optax.OptState
-    rng: jax.Array
 
     @classmethod
-    def create(
-        cls, params: PyTree, tx: optax.GradientTransformation, rng: jax.Array | int
-    ) -> TrainState:
-        """Step 0: `tx.init(params)`; an int `rng` becomes `jax.random.key(rng)`."""
-        key = jax.random.key(rng) if isinstance(rng, int) else rng
-        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=key)
+    def create(cls, params: PyTree, tx: optax.GradientTransformation) -> TrainState:
+        """Step 0: `tx.init(params)`."""
+        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
     def replace(self, **changes: Any) -> TrainState:
         """A copy with the given fields replaced."""
@@ -89,6 +87,15 @@ class RestoredCheckpoint:
 def _is_key(x: Any) -> bool:
     dtype = getattr(x, "dtype", None)
     return dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _top_level(tree: Any) -> dict[str, Any] | None:
+    """A dataclass's or a mapping's top-level entries by name (None for other pytrees)."""
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        return {f.name: getattr(tree, f.name) for f in dataclasses.fields(tree)}
+    if isinstance(tree, Mapping):
+        return dict(tree)
+    return None
 
 
 def _path_name(path: tuple[Any, ...]) -> str:
@@ -240,17 +247,25 @@ class TrainCheckpointer:
             else:
                 key_paths.append(None)
                 targets.append(sds)
+        target = original = jax.tree.unflatten(treedef, targets)
+        extra = self._extra_entries(step, target)
+        if extra:  # read them too (orbax restores whole trees), then drop them
+            target = {**(_top_level(target) or {}), **extra}
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(jax.tree.unflatten(treedef, targets)),
+                state=ocp.args.StandardRestore(target),
                 meta=ocp.args.JsonRestore(),
             ),
         )
+        state = restored.state
+        if extra:
+            kept = {k: state[k] for k in _top_level(original) or {}}
+            state = kept if isinstance(original, Mapping) else dataclasses.replace(original, **kept)
         meta: Mapping[str, Any] = restored.meta
         impls: Mapping[str, str] = meta.get("key_impls", {})
         leaves = []
-        for name, leaf in zip(key_paths, jax.tree.leaves(restored.state), strict=True):
+        for name, leaf in zip(key_paths, jax.tree.leaves(state), strict=True):
             if name is None:
                 leaves.append(leaf)
                 continue
@@ -267,6 +282,24 @@ class TrainCheckpointer:
             config=meta.get("config"),
             extra=meta.get("extra"),
         )
+
+    def _extra_entries(self, step: int, target: Any) -> dict[str, jax.ShapeDtypeStruct]:
+        """Top-level arrays of checkpoint `step`'s state that `target` lacks (an older
+        TrainState's `rng`), as restore targets."""
+        fields = _top_level(target)
+        if fields is None:
+            return {}
+        try:
+            on_disk = self._manager.item_metadata(step)["state"].tree
+        except (AttributeError, KeyError, TypeError, ValueError):
+            return {}
+        if not isinstance(on_disk, Mapping):
+            return {}
+        return {
+            k: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype)
+            for k, m in on_disk.items()
+            if k not in fields and hasattr(m, "shape") and hasattr(m, "dtype")
+        }
 
     def wait(self) -> None:
         """Block until an asynchronous save has finished writing."""

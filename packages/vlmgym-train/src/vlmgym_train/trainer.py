@@ -171,7 +171,7 @@ class Trainer:
         self.lr_schedule = make_schedule(optim)
         shardings = param_shardings(param_specs(self.config), self.mesh, self.rules)
         self.state = jax.jit(
-            lambda p: TrainState.create(p, self.tx, jax.random.key(cfg.seed)),
+            lambda p: TrainState.create(p, self.tx),
             in_shardings=(shardings,),
         )(params)
         self.state = self.state.replace(params=jax.device_put(self.state.params, shardings))
