@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     dirs = real_model_dirs(args.cache)
     print(f"checkpoint: {dirs.model_dir} ({time.perf_counter() - t0:.0f} s to locate/build)")
-    cfg = TrainConfig(
+    cfg = TrainConfig.flat(
         model_dir=str(dirs.model_dir),
         env_name="wordcount",
         env_kwargs=json.dumps({"max_words": args.max_words}),

@@ -155,7 +155,7 @@ def make_trainer(model_dir: str, save_dir: str, dtype: str) -> Trainer:
     """The benchmark's trainer: GROUPS x GROUP_SIZE samples of NEW_TOKENS on WordCountEnv."""
     vlmgym_envs.register("bench-wordcount", WordCountEnv, overwrite=True)
     return Trainer(
-        TrainConfig(
+        TrainConfig.flat(
             model_dir=model_dir,
             env_name="bench-wordcount",
             groups_per_batch=GROUPS,

@@ -102,7 +102,7 @@ def _bench(benchmark, trainer: Trainer, label: str) -> None:
         )
 
     cfg = trainer.cfg
-    rows = cfg.groups_per_batch * cfg.group_size
+    rows = cfg.rollout.groups_per_batch * cfg.rollout.group_size
     first_start = time.perf_counter()
     one_step()  # warm-up: compiles the sampler, the update and the log-prob pass
     first_step_s = time.perf_counter() - first_start
@@ -126,7 +126,7 @@ def _bench(benchmark, trainer: Trainer, label: str) -> None:
 
 
 def test_bench_train_step_tiny(benchmark, tmp_path):
-    trainer = Trainer(TrainConfig(save_dir=str(tmp_path / "run"), progress=False))
+    trainer = Trainer(TrainConfig.flat(save_dir=str(tmp_path / "run"), progress=False))
     _bench(benchmark, trainer, "tiny preset, TrainConfig() defaults")
 
 
@@ -143,7 +143,7 @@ def qwen05b_sized_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def test_bench_train_step_05b(benchmark, tmp_path, qwen05b_sized_dir):
-    cfg = TrainConfig(
+    cfg = TrainConfig.flat(
         model_dir=qwen05b_sized_dir,
         env_kwargs=json.dumps({"image_size": IMAGE}),
         groups_per_batch=GROUPS,

@@ -26,9 +26,11 @@ def main() -> None:
         progress=False, seed=0,
     )  # fmt: skip
     with jax.default_matmul_precision("highest"):
-        single = Trainer(TrainConfig(save_dir=f"{root}/single", mesh_fsdp=1, **common))
+        single = Trainer(TrainConfig.flat(save_dir=f"{root}/single", mesh_fsdp=1, **common))
         sharded = Trainer(
-            TrainConfig(save_dir=f"{root}/sharded", mesh_fsdp=fsdp, mesh_tensor=tensor, **common)
+            TrainConfig.flat(
+                save_dir=f"{root}/sharded", mesh_fsdp=fsdp, mesh_tensor=tensor, **common
+            )
         )
         # the same rollouts feed both updates
         rollouts = collect_groups(single.setup, single.rollout_params(), 0)

@@ -107,36 +107,38 @@ def test_equal_rewards_give_exactly_zero(values: list[float]) -> None:
 
 
 def test_config_passes_std_options_to_estimators_that_take_them() -> None:
-    cfg = TrainConfig(scale_rewards="batch", std_ddof=1, std_eps=1e-4)
-    assert cfg.advantage_kwargs == {"eps": 1e-4, "ddof": 1, "scale": "batch"}
-    assert TrainConfig(advantage="rloo").advantage_kwargs == {"eps": 1e-6}
-    assert TrainConfig(advantage="reinforce_plus_plus", std_ddof=1).advantage_kwargs == {
+    cfg = TrainConfig.flat(scale_rewards="batch", std_ddof=1, std_eps=1e-4)
+    assert cfg.algorithm.advantage_kwargs == {"eps": 1e-4, "ddof": 1, "scale": "batch"}
+    assert TrainConfig.flat(advantage="rloo").algorithm.advantage_kwargs == {"eps": 1e-6}
+    assert TrainConfig.flat(
+        advantage="reinforce_plus_plus", std_ddof=1
+    ).algorithm.advantage_kwargs == {
         "eps": 1e-6,
         "ddof": 1,
     }
     with pytest.raises(ValueError, match="scale_rewards applies to --advantage grpo"):
-        TrainConfig(advantage="rloo", scale_rewards="none")
+        TrainConfig.flat(advantage="rloo", scale_rewards="none")
     with pytest.raises(ValueError, match="divides by no std"):
-        TrainConfig(advantage="dr_grpo", std_ddof=1)
+        TrainConfig.flat(advantage="dr_grpo", std_ddof=1)
     with pytest.raises(ValueError, match="std_ddof must be 0 or 1"):
-        TrainConfig(std_ddof=2)
+        TrainConfig.flat(std_ddof=2)
     with pytest.raises(ValueError, match="std_eps"):
-        TrainConfig(std_eps=-1.0)
+        TrainConfig.flat(std_eps=-1.0)
     with pytest.raises(ValueError, match="scale_rewards"):
-        TrainConfig(scale_rewards="global")  # type: ignore[arg-type]
+        TrainConfig.flat(scale_rewards="global")
 
 
 def test_config_rejects_bad_loss_flags() -> None:
     with pytest.raises(ValueError, match="--aggregation"):
-        TrainConfig(aggregation="mean")  # type: ignore[arg-type]
+        TrainConfig.flat(aggregation="mean")
     with pytest.raises(ValueError, match="--dual_clip"):
-        TrainConfig(dual_clip=1.0)
+        TrainConfig.flat(dual_clip=1.0)
     with pytest.raises(ValueError, match="--seq_denominator"):
-        TrainConfig(seq_denominator="some")  # type: ignore[arg-type]
+        TrainConfig.flat(seq_denominator="some")
     with pytest.raises(ValueError, match="--token_normaliser"):
-        TrainConfig(token_normaliser="global")  # type: ignore[arg-type]
+        TrainConfig.flat(token_normaliser="global")
     with pytest.raises(ValueError, match="--entropy_aggregation"):
-        TrainConfig(entropy_aggregation="seq")  # type: ignore[arg-type]
+        TrainConfig.flat(entropy_aggregation="seq")
 
 
 def test_dr_grpo(tol: dict[str, float]) -> None:

@@ -98,7 +98,7 @@ class NaNRewards(ShapesEnv):
 def test_non_finite_losses_skip_updates_then_stop_with_a_checkpoint(tmp_path, caplog):
     vlmgym_envs.register("nan_shapes", NaNRewards, overwrite=True)
     try:
-        cfg = TrainConfig(
+        cfg = TrainConfig.flat(
             env_name="nan_shapes", save_dir=str(tmp_path), groups_per_batch=2, group_size=2,
             num_generation_tokens=2, total_steps=10, max_nan_steps=3, progress=False,
         )  # fmt: skip
@@ -118,7 +118,7 @@ def test_non_finite_losses_skip_updates_then_stop_with_a_checkpoint(tmp_path, ca
 
 
 def test_periodic_test_logs_the_eval_metrics(tmp_path):
-    cfg = TrainConfig(
+    cfg = TrainConfig.flat(
         save_dir=str(tmp_path), groups_per_batch=2, group_size=2, total_steps=2,
         test_env_name="shapes", test_interval=2, test_tasks=4, progress=False,
     )  # fmt: skip
@@ -135,7 +135,7 @@ def test_minibatches_keep_rows_aligned_with_their_reference(tmp_path, minibatche
     """With a negligible learning rate the policy stays the reference and the behaviour
     policy: both KLs must be ~0 in every minibatch of every epoch. Rows paired with another
     row's behaviour or reference log-probs would give KLs of order 0.1."""
-    cfg = TrainConfig(
+    cfg = TrainConfig.flat(
         save_dir=str(tmp_path), groups_per_batch=2, group_size=4, num_generation_tokens=3,
         total_steps=1, ppo_epochs=2, minibatches=minibatches, kl_coef=0.1, lr=1e-12,
         progress=False, seed=2, save_interval=2,
@@ -157,7 +157,7 @@ def test_minibatches_keep_rows_aligned_with_their_reference(tmp_path, minibatche
 
 
 def test_overlong_penalty_reads_each_trajectorys_completion_length(tmp_path):
-    cfg = TrainConfig(
+    cfg = TrainConfig.flat(
         save_dir=str(tmp_path), groups_per_batch=2, group_size=4, num_generation_tokens=3,
         overlong="penalty", overlong_buffer=2, progress=False, seed=3, temperature=1.0,
     )  # fmt: skip

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from typing import Literal
 
-from vlmgym_model.cli import parse_args
+from vlmgym_model.cli import flag, parse_args
 
 from vlmgym_convert.convert import ConversionError, download_hf_repo, hf_to_jax, jax_to_hf
 
@@ -20,28 +20,17 @@ class ConvertArgs:
     JAX -> HF:  vlmgym-convert --to hf --model_dir DIR --hf_dir OUT
     """
 
-    model_dir: str = dataclasses.field(metadata={"help": "vlm-gym model directory"})
-    hf_dir: str | None = dataclasses.field(
-        default=None, metadata={"help": "HF checkpoint directory (input, or output with --to hf)"}
+    model_dir: str = flag(help="vlm-gym model directory", aliases=("--ckpt_dir",))
+    hf_dir: str | None = flag(None, "HF checkpoint directory (input, or output with --to hf)")
+    hf_repo: str | None = flag(
+        None,
+        "hub id to download instead of --hf_dir, e.g. Qwen/Qwen2.5-VL-7B-Instruct (needs "
+        "network access)",
     )
-    hf_repo: str | None = dataclasses.field(
-        default=None,
-        metadata={
-            "help": "hub id to download instead of --hf_dir, e.g. "
-            "Qwen/Qwen2.5-VL-7B-Instruct (needs network access)"
-        },
-    )
-    revision: str | None = dataclasses.field(default=None, metadata={"help": "hub revision"})
-    to: Literal["jax", "hf"] = dataclasses.field(
-        default="jax", metadata={"help": "direction: jax (HF -> vlm-gym) or hf (vlm-gym -> HF)"}
-    )
-    dtype: str | None = dataclasses.field(
-        default=None,
-        metadata={"help": "bfloat16, float16 or float32; default keeps the source dtype"},
-    )
-    force: bool = dataclasses.field(
-        default=False, metadata={"help": "overwrite an existing params/ checkpoint"}
-    )
+    revision: str | None = flag(None, "hub revision")
+    to: Literal["jax", "hf"] = flag("jax", "direction: jax (HF -> vlm-gym) or hf (vlm-gym -> HF)")
+    dtype: str | None = flag(None, "bfloat16, float16 or float32; default keeps the source dtype")
+    force: bool = flag(False, "overwrite an existing params/ checkpoint")
 
     def __post_init__(self) -> None:
         if self.to == "hf" and not self.hf_dir:

@@ -68,6 +68,7 @@ _EXPORTS: dict[str, str] = {
     "SamplingParams": "vlmgym_model.sampling",
     # command lines and the host
     "parse_args": "vlmgym_model.cli",
+    "flag": "vlmgym_model.cli",
     "is_large_checkpoint": "vlmgym_model.host_malloc",
     "malloc_in_use": "vlmgym_model.host_malloc",
     "tune_for_checkpoint": "vlmgym_model.host_malloc",

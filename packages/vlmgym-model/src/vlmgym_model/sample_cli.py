@@ -6,7 +6,7 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 
-from vlmgym_model.cli import parse_args
+from vlmgym_model.cli import flag, parse_args
 from vlmgym_model.host_malloc import tune_for_checkpoint
 
 
@@ -17,39 +17,27 @@ class SampleArgs:
     Completions go to stdout (one block per sample); throughput goes to stderr.
     """
 
-    model_dir: str = dataclasses.field(
-        metadata={
-            "help": "model directory (vlmgym-convert output or a trained policy)",
-            "aliases": ("--ckpt_dir",),
-        }
+    model_dir: str = flag(
+        help="model directory (vlmgym-convert output or a trained policy)",
+        aliases=("--ckpt_dir",),
     )
-    prompt: str = dataclasses.field(default="", metadata={"help": "the user's text"})
+    prompt: str = flag("", "the user's text")
     image: list[str] = dataclasses.field(
         default_factory=list, metadata={"help": "image path; repeat for several images"}
     )
-    system: str | None = dataclasses.field(default=None, metadata={"help": "system prompt"})
-    num_generation_tokens: int = dataclasses.field(
-        default=256, metadata={"help": "tokens to generate", "aliases": ("--max_new_tokens",)}
+    system: str | None = flag(None, "system prompt")
+    num_generation_tokens: int = flag(256, "tokens to generate", aliases=("--max_new_tokens",))
+    temperature: float = flag(0.7, "0 is greedy")
+    top_p: float = flag(1.0, "nucleus mass (1 = off)")
+    top_k: int = flag(0, "top-k (0 = off)")
+    min_p: float = flag(0.0, "min-p (0 = off)")
+    seed: int = flag(0, "PRNG seed")
+    num_samples: int = flag(1, "samples to draw")
+    dtype: str = flag("bfloat16", "weight dtype: bfloat16 or float32")
+    vlm_max_pixels: int | None = flag(
+        None, "image pixel budget (default: preprocessor config)", aliases=("--max_pixels",)
     )
-    temperature: float = dataclasses.field(default=0.7, metadata={"help": "0 is greedy"})
-    top_p: float = dataclasses.field(default=1.0, metadata={"help": "nucleus mass (1 = off)"})
-    top_k: int = dataclasses.field(default=0, metadata={"help": "top-k (0 = off)"})
-    min_p: float = dataclasses.field(default=0.0, metadata={"help": "min-p (0 = off)"})
-    seed: int = dataclasses.field(default=0, metadata={"help": "PRNG seed"})
-    num_samples: int = dataclasses.field(default=1, metadata={"help": "samples to draw"})
-    dtype: str = dataclasses.field(
-        default="bfloat16", metadata={"help": "weight dtype: bfloat16 or float32"}
-    )
-    vlm_max_pixels: int | None = dataclasses.field(
-        default=None,
-        metadata={
-            "help": "image pixel budget (default: preprocessor config)",
-            "aliases": ("--max_pixels",),
-        },
-    )
-    attention_impl: str = dataclasses.field(
-        default="xla", metadata={"help": "attention implementation (see vlmgym_kernels)"}
-    )
+    attention_impl: str = flag("xla", "attention implementation (see vlmgym_kernels)")
 
     def __post_init__(self) -> None:
         if not self.prompt and not self.image:

@@ -4,8 +4,8 @@ Layout: `grpo` (one training step, top to bottom: rollouts -> rewards and advant
 jitted updates -> metrics), `trainer` (the run around the steps: directories, resume,
 logging, evaluation, export), `rollout` (sampling groups and scoring them in the env),
 `batch` (the one training-batch pytree and its minibatch slicing), `losses`,
-`advantages`, `optim`, `checkpointing`, `config` (every setting, flat on the command
-line), `evaluate`, `distributed`.
+`advantages`, `optim`, `checkpointing`, `config` (every setting, in sections: rollout,
+algorithm, optim, mesh, run; flat on the command line), `evaluate`, `distributed`.
 
 Public API:
 - advantages: `get_advantage(name)(rewards[G, n]) -> [G, n]` for "grpo", "dr_grpo", "rloo",

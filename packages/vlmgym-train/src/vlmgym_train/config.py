@@ -1,8 +1,20 @@
-"""`TrainConfig`: every setting of a training run, and the flags of `vlmgym-train`.
+"""`TrainConfig`: every setting of a training run, in sections, and the flags of `vlmgym-train`.
+
+    cfg = TrainConfig(rollout=RolloutSection(group_size=8), optim=OptimSection(lr=1e-6))
+    cfg = TrainConfig.flat(group_size=8, lr=1e-6)          # the same, by setting name
+    cfg.rollout.group_size, cfg.optim.lr
+
+Sections: `rollout` (what is sampled), `algorithm` (advantages, loss, reward shaping, how the
+batch is split into updates), `optim` (optimizer, schedule, what trains, how the
+forward/backward runs), `mesh` (devices and hosts), `run` (length, checkpoints, logging,
+evaluation). Each setting lives in one section, and every setting's name is unique across
+them, so the command line stays flat: `vlmgym-train --group_size 8 --lr 1e-6 --mesh_fsdp 4`.
 
 The original project's flag spellings stay valid (`--model_dir --env_name --groups_per_batch
 --group_size --lr --total_steps --wandb_project --save_dir --save_interval
---num_generation_tokens --temperature --top_k --top_p --test_env_name --test_interval`).
+--num_generation_tokens --temperature --top_k --top_p --test_env_name --test_interval`), and
+the other commands' names are accepted where they mean the same setting (`--ckpt_dir`,
+`--max_new_tokens`, `--max_pixels`).
 """
 
 from __future__ import annotations
@@ -12,8 +24,11 @@ import inspect
 import json
 from typing import Any, Literal
 
+from vlmgym_model import CompletionStatics, flag
+
 from vlmgym_train.advantages import ADVANTAGES
-from vlmgym_train.losses import AGGREGATIONS, LOSSES
+from vlmgym_train.losses import AGGREGATIONS, LOSSES, LossConfig
+from vlmgym_train.optim import OptimConfig
 
 # The tiny preset's learning rate. On `shapes` at 2e-3 the reward peaked near 0.45 and then
 # fell back (to 0.27 at step 200 on one CPU, 0.47 on another: the run is chaotic enough that
@@ -21,150 +36,108 @@ from vlmgym_train.losses import AGGREGATIONS, LOSSES
 PRESET_LR = 1e-3
 
 
-def _f(default: Any, help: str) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help})
+def _at_least_one(section: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be >= 1, got {value}")
+
+
+def _one_of(section: Any, name: str, choices: tuple[str, ...]) -> None:
+    if getattr(section, name) not in choices:
+        raise ValueError(f"--{name} {getattr(section, name)!r}: choose from {list(choices)}")
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Train a vision-language model with GRPO-family RL.
+class RolloutSection:
+    """Rollouts: tasks and samples per step, and how completions are sampled."""
 
-    With no arguments: a tiny random Qwen2.5-VL-shaped model on the built-in `shapes` env.
-    """
-
-    # --- what to train, on what
-    model_dir: str | None = _f(None, "model directory (vlmgym-convert output); none: tiny preset")
-    env_name: str = _f("shapes", "environment (shapes, osv5m, nlvr2, caption, or registered)")
-    env_kwargs: str = _f("{}", 'JSON keyword arguments for the env, e.g. \'{"data_dir": "x"}\'')
-    seed: int = _f(0, "seed for data order, sampling and the preset's init")
-    # --- rollouts
-    groups_per_batch: int = _f(8, "tasks per step (GRPO groups)")
-    group_size: int = _f(16, "samples per task")
-    num_generation_tokens: int | None = _f(
+    groups_per_batch: int = flag(8, "tasks per step (GRPO groups)")
+    group_size: int = flag(16, "samples per task")
+    num_generation_tokens: int | None = flag(
         None,
         "max new tokens per completion (default: 2 for the tiny preset, one word and a "
         "stop; 256 with --model_dir)",
+        aliases=("--max_new_tokens",),
     )
-    temperature: float = _f(1.0, "sampling temperature")
-    top_k: int = _f(0, "top-k when sampling (0 = off)")
-    top_p: float = _f(1.0, "nucleus mass when sampling (1 = off)")
-    max_turns: int = _f(1, "turn limit for multi-turn environments")
-    rollout_chunks: int = _f(
+    temperature: float = flag(1.0, "sampling temperature")
+    top_k: int = flag(0, "top-k when sampling (0 = off)")
+    top_p: float = flag(1.0, "nucleus mass when sampling (1 = off)")
+    max_turns: int = flag(1, "turn limit for multi-turn environments")
+    rollout_chunks: int = flag(
         1, "generate each turn in this many calls, scoring one while the next decodes"
     )
-    vlm_max_pixels: int | None = _f(None, "image pixel budget (default: preprocessor config)")
-    # --- objective
-    advantage: str = _f("grpo", f"advantage estimator: {sorted(ADVANTAGES)}")
-    scale_rewards: Literal["group", "batch", "none"] = _f(
+    vlm_max_pixels: int | None = flag(
+        None, "image pixel budget (default: preprocessor config)", aliases=("--max_pixels",)
+    )
+
+    def __post_init__(self) -> None:
+        _at_least_one(
+            self,
+            "groups_per_batch",
+            "group_size",
+            "num_generation_tokens",
+            "max_turns",
+            "rollout_chunks",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class AlgorithmSection:
+    """Algorithm: advantages, the policy loss and its penalties, reward shaping, group
+    filtering, and how a rollout batch becomes optimizer updates."""
+
+    advantage: str = flag("grpo", f"advantage estimator: {sorted(ADVANTAGES)}")
+    scale_rewards: Literal["group", "batch", "none"] = flag(
         "group",
         "grpo: divide centred rewards by the group's std, the batch's std, or nothing (TRL's "
         "scale_rewards)",
     )
-    std_ddof: int = _f(0, "reward std: 0 population, 1 unbiased (TRL, verl)")
-    std_eps: float = _f(1e-6, "added to the reward std before dividing (TRL 1e-4, verl 1e-6)")
-    loss: str = _f("ppo_clip", f"policy loss: {sorted(LOSSES)}")
-    aggregation: Literal["token_mean", "seq_mean", "seq_sum", "constant", "token_sum_norm"] = _f(
+    std_ddof: int = flag(0, "reward std: 0 population, 1 unbiased (TRL, verl)")
+    std_eps: float = flag(1e-6, "added to the reward std before dividing (TRL 1e-4, verl 1e-6)")
+    loss: str = flag("ppo_clip", f"policy loss: {sorted(LOSSES)}")
+    aggregation: Literal["token_mean", "seq_mean", "seq_sum", "constant", "token_sum_norm"] = flag(
         "token_mean",
         "token losses -> scalar: token_mean (DAPO), seq_mean (GRPO), seq_sum (LUSPO), constant "
         "(Dr.GRPO: / (rows * max tokens)), token_sum_norm (verl: / max tokens)",
     )
-    seq_denominator: Literal["nonempty", "all"] = _f(
+    seq_denominator: Literal["nonempty", "all"] = flag(
         "nonempty", "rows seq_mean/seq_sum average over: non-empty ones (verl) or all (TRL)"
     )
-    token_normaliser: Literal["minibatch", "batch"] = _f(
+    token_normaliser: Literal["minibatch", "batch"] = flag(
         "minibatch",
         "token_mean's denominator: the minibatch's tokens, or the step's tokens / minibatches "
         "(TRL's dapo)",
     )
-    clip_low: float = _f(0.2, "PPO clip below 1")
-    clip_high: float = _f(0.28, "PPO clip above 1 (DAPO clip-higher; = clip_low for GRPO)")
-    dual_clip: float | None = _f(
+    clip_low: float = flag(0.2, "PPO clip below 1")
+    clip_high: float = flag(0.28, "PPO clip above 1 (DAPO clip-higher; = clip_low for GRPO)")
+    dual_clip: float | None = flag(
         None, "cap on the ratio for A < 0 (dual-clip PPO; verl clip_ratio_c, TRL delta)"
     )
-    kl_coef: float = _f(0.0, "KL penalty to the frozen initial policy (0 = no reference)")
-    kl_estimator: Literal["k1", "k2", "k3"] = _f("k3", "KL estimator")
-    kl_ratio: bool = _f(
+    kl_coef: float = flag(0.0, "KL penalty to the frozen initial policy (0 = no reference)")
+    kl_estimator: Literal["k1", "k2", "k3"] = flag("k3", "KL estimator")
+    kl_ratio: bool = flag(
         False, "multiply the KL by the importance ratio (TRL use_bias_correction_kl)"
     )
-    entropy_coef: float = _f(0.0, "entropy bonus")
-    entropy_aggregation: Literal["loss", "token_mean"] = _f(
+    entropy_coef: float = flag(0.0, "entropy bonus")
+    entropy_aggregation: Literal["loss", "token_mean"] = flag(
         "loss", "entropy bonus aggregated like the loss (verl) or as a token mean (TRL)"
     )
-    dynamic_sampling: bool = _f(False, "drop groups whose rewards are all equal and refill")
-    max_refill_rounds: int = _f(2, "extra rollout rounds to refill dropped groups")
-    overlong: Literal["none", "mask", "penalty"] = _f(
+    dynamic_sampling: bool = flag(False, "drop groups whose rewards are all equal and refill")
+    max_refill_rounds: int = flag(2, "extra rollout rounds to refill dropped groups")
+    overlong: Literal["none", "mask", "penalty"] = flag(
         "none", "truncated completions: keep, mask from the loss, or soft penalty (DAPO)"
     )
-    overlong_buffer: int = _f(4, "tokens before the limit where the overlong penalty starts")
-    ppo_epochs: int = _f(1, "passes over each rollout batch")
-    minibatches: int = _f(1, "minibatches per pass (rows must divide evenly)")
-    # --- optimisation
-    optimizer: Literal["adamw", "adafactor"] = _f("adamw", "optimizer")
-    lr: float | None = _f(
-        None, "peak learning rate (default: 1e-3 for the tiny preset, 1e-6 with --model_dir)"
-    )
-    warmup_steps: int = _f(5, "linear warmup steps")
-    schedule: Literal["constant", "cosine"] = _f("constant", "schedule after warmup")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    max_grad_norm: float = _f(1.0, "global gradient-norm clip")
-    total_steps: int = _f(200, "training steps")
-    train_vision: bool = _f(True, "train the vision tower (false: frozen)")
-    remat: bool = _f(False, "rematerialise each decoder layer in the backward pass")
-    param_dtype: Literal["float32", "bfloat16"] = _f("float32", "dtype of the trained params")
-    compute_dtype: Literal["float32", "bfloat16"] = _f(
-        "float32", "dtype of the forward passes (bfloat16 with float32 params = master weights)"
-    )
-    logprob_chunk: int = _f(1024, "tokens per chunk of [chunk, V] logits in the loss")
-    attention_impl: str = _f("xla", "attention implementation (see vlmgym_kernels)")
-    max_nan_steps: int = _f(3, "consecutive non-finite steps before the run stops")
-    # --- scale
-    mesh_data: int = _f(1, "devices on the data axis")
-    mesh_fsdp: int = _f(-1, "devices on the fsdp axis (-1: the rest)")
-    mesh_tensor: int = _f(1, "devices on the tensor axis")
-    coordinator_address: str | None = _f(None, "multi-host: host:port of process 0")
-    num_processes: int | None = _f(None, "multi-host: number of processes")
-    process_id: int | None = _f(None, "multi-host: this process's id")
-    distributed: bool = _f(
-        False, "multi-host: start jax.distributed from the cluster's environment (SLURM, MPI, TPU)"
-    )
-    # --- bookkeeping
-    save_dir: str | None = _f(None, "run directory (default: runs/<env>-<time>)")
-    save_interval: int = _f(50, "checkpoint every N steps")
-    keep_checkpoints: int = _f(3, "checkpoints kept")
-    resume: bool = _f(False, "continue the run in --save_dir from its last checkpoint")
-    wandb_project: str | None = _f(None, "Weights & Biases project (offline without a key)")
-    wandb_run_name: str | None = _f(None, "Weights & Biases run name")
-    test_env_name: str | None = _f(None, "environment for periodic evaluation")
-    test_interval: int = _f(0, "evaluate every N steps (0 = never)")
-    test_tasks: int = _f(32, "tasks per periodic evaluation")
-    progress: bool = _f(True, "show a progress bar")
+    overlong_buffer: int = flag(4, "tokens before the limit where the overlong penalty starts")
+    ppo_epochs: int = flag(1, "passes over each rollout batch")
+    minibatches: int = flag(1, "minibatches per pass (rows must divide evenly)")
 
     def __post_init__(self) -> None:
         if self.advantage not in ADVANTAGES:
             raise ValueError(f"--advantage {self.advantage!r}: choose from {sorted(ADVANTAGES)}")
         if self.loss not in LOSSES:
             raise ValueError(f"--loss {self.loss!r}: choose from {sorted(LOSSES)}")
-        for name in (
-            "groups_per_batch",
-            "group_size",
-            "num_generation_tokens",
-            "total_steps",
-            "ppo_epochs",
-            "minibatches",
-            "max_turns",
-            "rollout_chunks",
-            "save_interval",
-        ):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"--{name} must be >= 1, got {value}")
-        if (self.groups_per_batch * self.group_size) % self.minibatches:
-            raise ValueError(
-                f"--minibatches {self.minibatches} must divide groups_per_batch * group_size "
-                f"= {self.groups_per_batch * self.group_size}"
-            )
-        if self.advantage == "rloo" and self.group_size < 2:
-            raise ValueError("--advantage rloo needs --group_size >= 2")
+        _at_least_one(self, "ppo_epochs", "minibatches")
         takes = inspect.signature(ADVANTAGES[self.advantage]).parameters
         if self.scale_rewards != "group" and "scale" not in takes:
             raise ValueError(f"--scale_rewards applies to --advantage grpo, not {self.advantage}")
@@ -172,51 +145,19 @@ class TrainConfig:
             raise ValueError(f"--std_ddof: --advantage {self.advantage} divides by no std")
         if self.std_ddof not in (0, 1):
             raise ValueError(f"--std_ddof must be 0 or 1, got {self.std_ddof}")
-        if self.std_ddof >= self.group_size and self.scale_rewards == "group" and "ddof" in takes:
-            raise ValueError("--std_ddof 1 needs --group_size >= 2")
         if not self.std_eps >= 0:
             raise ValueError(f"--std_eps must be >= 0, got {self.std_eps}")
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"--aggregation {self.aggregation!r}: choose from {AGGREGATIONS}")
         if self.dual_clip is not None and not self.dual_clip > 1:
             raise ValueError(f"--dual_clip must be > 1, got {self.dual_clip}")
-        for name, choices in (
-            ("scale_rewards", ("group", "batch", "none")),
-            ("seq_denominator", ("nonempty", "all")),
-            ("token_normaliser", ("minibatch", "batch")),
-            ("entropy_aggregation", ("loss", "token_mean")),
-        ):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"--{name} {getattr(self, name)!r}: choose from {choices}")
-        try:
-            kwargs = json.loads(self.env_kwargs)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"--env_kwargs is not valid JSON: {err}") from err
-        if not isinstance(kwargs, dict):
-            raise ValueError("--env_kwargs must be a JSON object")
-        if self.resume and not self.save_dir:
-            raise ValueError("--resume needs --save_dir (the run to continue)")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"--lr must be > 0, got {self.lr}")
-        if self.test_interval and not self.test_env_name:
-            raise ValueError("--test_interval needs --test_env_name")
-
-    def resolved(self) -> TrainConfig:
-        """This config with the defaults that depend on the model filled in."""
-        preset = self.model_dir is None
-        return dataclasses.replace(
-            self,
-            lr=self.lr if self.lr is not None else (PRESET_LR if preset else 1e-6),
-            num_generation_tokens=self.num_generation_tokens or (2 if preset else 256),
-        )
+        _one_of(self, "aggregation", AGGREGATIONS)
+        _one_of(self, "scale_rewards", ("group", "batch", "none"))
+        _one_of(self, "seq_denominator", ("nonempty", "all"))
+        _one_of(self, "token_normaliser", ("minibatch", "batch"))
+        _one_of(self, "entropy_aggregation", ("loss", "token_mean"))
 
     @property
     def updates_per_step(self) -> int:
-        """Optimizer updates in one training step (`ppo_epochs` x `minibatches`).
-
-        `total_steps`, `--save_interval` and the progress bar count training steps (one
-        rollout batch each); the optimizer's step count and the learning-rate schedule, and
-        so the checkpoints' step numbers, count updates."""
+        """Optimizer updates in one training step (`ppo_epochs` x `minibatches`)."""
         return self.ppo_epochs * self.minibatches
 
     @property
@@ -226,6 +167,210 @@ class TrainConfig:
         given = {"eps": self.std_eps, "ddof": self.std_ddof, "scale": self.scale_rewards}
         return {k: v for k, v in given.items() if k in takes}
 
+    def loss_config(self, max_tokens: int) -> LossConfig:
+        """The loss's hyperparameters; `max_tokens` is the generation budget."""
+        return LossConfig(
+            clip_low=self.clip_low,
+            clip_high=self.clip_high,
+            dual_clip=self.dual_clip,
+            aggregation=self.aggregation,
+            seq_denominator=self.seq_denominator,
+            max_tokens=max_tokens,
+            kl_coef=self.kl_coef,
+            kl_estimator=self.kl_estimator,
+            kl_ratio=self.kl_ratio,
+            entropy_coef=self.entropy_coef,
+            entropy_aggregation=self.entropy_aggregation,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSection:
+    """Optimisation: optimizer and schedule, what trains, and how the forward and backward
+    passes run (dtypes, remat, log-prob chunks, attention kernel)."""
+
+    optimizer: Literal["adamw", "adafactor"] = flag("adamw", "optimizer")
+    lr: float | None = flag(
+        None, "peak learning rate (default: 1e-3 for the tiny preset, 1e-6 with --model_dir)"
+    )
+    warmup_steps: int = flag(5, "linear warmup steps")
+    schedule: Literal["constant", "cosine"] = flag("constant", "schedule after warmup")
+    weight_decay: float = flag(0.0, "AdamW weight decay")
+    max_grad_norm: float = flag(1.0, "global gradient-norm clip")
+    train_vision: bool = flag(True, "train the vision tower (false: frozen)")
+    remat: bool = flag(False, "rematerialise each decoder layer in the backward pass")
+    param_dtype: Literal["float32", "bfloat16"] = flag("float32", "dtype of the trained params")
+    compute_dtype: Literal["float32", "bfloat16"] = flag(
+        "float32", "dtype of the forward passes (bfloat16 with float32 params = master weights)"
+    )
+    logprob_chunk: int = flag(1024, "tokens per chunk of [chunk, V] logits in the loss")
+    attention_impl: str = flag("xla", "attention implementation (see vlmgym_kernels)")
+
+    def __post_init__(self) -> None:
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        _at_least_one(self, "logprob_chunk")
+
+    def completion_statics(self) -> CompletionStatics:
+        """How the log-prob pass runs (in the update and the reference pass)."""
+        return CompletionStatics(
+            impl=self.attention_impl,
+            remat=self.remat,
+            train_vision=self.train_vision,
+            logprob_chunk=self.logprob_chunk,
+        )
+
+    def optim_config(self, total_updates: int) -> OptimConfig:
+        """The optimizer's settings; the schedule counts `total_updates` updates."""
+        assert self.lr is not None, "resolve the config first (TrainConfig.resolved)"
+        return OptimConfig(
+            optimizer=self.optimizer,
+            lr=self.lr,
+            warmup_steps=self.warmup_steps,
+            schedule=self.schedule,
+            total_steps=total_updates,
+            weight_decay=self.weight_decay,
+            max_grad_norm=self.max_grad_norm,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSection:
+    """Devices: the mesh's axes, and the processes of a multi-host run."""
+
+    data: int = flag(1, "devices on the data axis", name="mesh_data")
+    fsdp: int = flag(-1, "devices on the fsdp axis (-1: the rest)", name="mesh_fsdp")
+    tensor: int = flag(1, "devices on the tensor axis", name="mesh_tensor")
+    coordinator_address: str | None = flag(None, "multi-host: host:port of process 0")
+    num_processes: int | None = flag(None, "multi-host: number of processes")
+    process_id: int | None = flag(None, "multi-host: this process's id")
+    distributed: bool = flag(
+        False, "multi-host: start jax.distributed from the cluster's environment (SLURM, MPI, TPU)"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSection:
+    """The run: its length, directory, checkpoints, logging and periodic evaluation."""
+
+    total_steps: int = flag(200, "training steps")
+    save_dir: str | None = flag(None, "run directory (default: runs/<env>-<time>)")
+    save_interval: int = flag(50, "checkpoint every N steps")
+    keep_checkpoints: int = flag(3, "checkpoints kept")
+    resume: bool = flag(False, "continue the run in --save_dir from its last checkpoint")
+    wandb_project: str | None = flag(None, "Weights & Biases project (offline without a key)")
+    wandb_run_name: str | None = flag(None, "Weights & Biases run name")
+    test_env_name: str | None = flag(None, "environment for periodic evaluation")
+    test_interval: int = flag(0, "evaluate every N steps (0 = never)")
+    test_tasks: int = flag(32, "tasks per periodic evaluation")
+    progress: bool = flag(True, "show a progress bar")
+
+    max_nan_steps: int = flag(3, "consecutive non-finite steps before the run stops")
+
+    def __post_init__(self) -> None:
+        _at_least_one(self, "total_steps", "save_interval", "keep_checkpoints", "max_nan_steps")
+        if self.resume and not self.save_dir:
+            raise ValueError("--resume needs --save_dir (the run to continue)")
+        if self.test_interval and not self.test_env_name:
+            raise ValueError("--test_interval needs --test_env_name")
+
+
+_SECTIONS = ("rollout", "algorithm", "optim", "mesh", "run")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Train a vision-language model with GRPO-family RL.
+
+    With no arguments: a tiny random Qwen2.5-VL-shaped model on the built-in `shapes` env.
+    """
+
+    model_dir: str | None = flag(
+        None, "model directory (vlmgym-convert output); none: tiny preset", aliases=("--ckpt_dir",)
+    )
+    env_name: str = flag("shapes", "environment (shapes, osv5m, nlvr2, caption, or registered)")
+    env_kwargs: str = flag("{}", 'JSON keyword arguments for the env, e.g. \'{"data_dir": "x"}\'')
+    seed: int = flag(0, "seed for data order, sampling and the preset's init")
+    rollout: RolloutSection = dataclasses.field(default_factory=RolloutSection)
+    algorithm: AlgorithmSection = dataclasses.field(default_factory=AlgorithmSection)
+    optim: OptimSection = dataclasses.field(default_factory=OptimSection)
+    mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
+    run: RunSection = dataclasses.field(default_factory=RunSection)
+
+    def __post_init__(self) -> None:
+        """Checks that span sections (each section checks its own settings)."""
+        rollout, algorithm = self.rollout, self.algorithm
+        rows = rollout.groups_per_batch * rollout.group_size
+        if rows % algorithm.minibatches:
+            raise ValueError(
+                f"--minibatches {algorithm.minibatches} must divide groups_per_batch * "
+                f"group_size = {rows}"
+            )
+        if algorithm.advantage == "rloo" and rollout.group_size < 2:
+            raise ValueError("--advantage rloo needs --group_size >= 2")
+        grouped_std = algorithm.scale_rewards == "group" and "ddof" in algorithm.advantage_kwargs
+        if algorithm.std_ddof >= rollout.group_size and grouped_std:
+            raise ValueError("--std_ddof 1 needs --group_size >= 2")
+        try:
+            kwargs = json.loads(self.env_kwargs)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--env_kwargs is not valid JSON: {err}") from err
+        if not isinstance(kwargs, dict):
+            raise ValueError("--env_kwargs must be a JSON object")
+
+    @classmethod
+    def flat(cls, **settings: Any) -> TrainConfig:
+        """A config from settings named as on the command line, e.g.
+        `TrainConfig.flat(group_size=8, lr=1e-6, mesh_fsdp=4)`."""
+        return cls().replace(**settings)
+
+    def replace(self, **settings: Any) -> TrainConfig:
+        """This config with some settings changed, named as on the command line."""
+        top = {f.name for f in dataclasses.fields(self) if f.name not in _SECTIONS}
+        changes: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+        own: dict[str, Any] = {}
+        names = _setting_names()
+        for name, value in settings.items():
+            if name in top:
+                own[name] = value
+            elif name in names:
+                section, field = names[name]
+                changes[section][field] = value
+            else:
+                raise TypeError(f"TrainConfig has no setting {name!r}")
+        for section, values in changes.items():
+            if values:
+                own[section] = dataclasses.replace(getattr(self, section), **values)
+        return dataclasses.replace(self, **own)
+
+    def resolved(self) -> TrainConfig:
+        """This config with the defaults that depend on the model filled in."""
+        preset = self.model_dir is None
+        lr = self.optim.lr if self.optim.lr is not None else (PRESET_LR if preset else 1e-6)
+        tokens = self.rollout.num_generation_tokens or (2 if preset else 256)
+        return self.replace(lr=lr, num_generation_tokens=tokens)
+
+    @property
+    def updates_per_step(self) -> int:
+        """Optimizer updates in one training step (`ppo_epochs` x `minibatches`).
+
+        `total_steps`, `--save_interval` and the progress bar count training steps (one
+        rollout batch each); the optimizer's step count and the learning-rate schedule, and
+        so the checkpoints' step numbers, count updates."""
+        return self.algorithm.updates_per_step
+
     @property
     def env_kwargs_dict(self) -> dict[str, Any]:
         return dict(json.loads(self.env_kwargs))
+
+
+def _setting_names() -> dict[str, tuple[str, str]]:
+    """Each section setting's flag name -> (section, field)."""
+    names: dict[str, tuple[str, str]] = {}
+    for section, cls in zip(_SECTIONS, _SECTION_TYPES, strict=True):
+        for field in dataclasses.fields(cls):
+            names[field.metadata.get("flag", field.name)] = (section, field.name)
+    return names
+
+
+_SECTION_TYPES = (RolloutSection, AlgorithmSection, OptimSection, MeshSection, RunSection)

@@ -6,13 +6,8 @@ import dataclasses
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
 
-from vlmgym_model import parse_args, tune_for_checkpoint
-
-
-def _f(default: Any, help: str) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help})
+from vlmgym_model import flag, parse_args, tune_for_checkpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,22 +18,24 @@ class EvalArgs:
     reward and info) and plots to --output_dir; rerunning resumes a partial output.
     """
 
-    model_dir: str = dataclasses.field(metadata={"help": "model directory to evaluate"})
-    env_name: str = _f("shapes", "environment")
-    env_kwargs: str = _f("{}", "JSON keyword arguments for the env")
-    split: str | None = _f(None, "dataset split (passed to the env as split=)")
-    max_eval_tasks: int | None = _f(None, "evaluate at most this many tasks")
-    num_samples: int = _f(1, "samples per task (pass@k / best-of-k)")
-    num_generation_tokens: int = _f(256, "max new tokens")
-    temperature: float = _f(0.0, "0 = greedy")
-    top_k: int = _f(0, "top-k (0 = off)")
-    top_p: float = _f(1.0, "nucleus mass (1 = off)")
-    seed: int = _f(0, "seed for task order and sampling")
-    inference_batch_per_device: int = _f(8, "tasks per sampler call per device")
-    vlm_max_pixels: int | None = _f(None, "image pixel budget")
-    output_dir: str = _f("eval_out", "where outputs go")
-    dtype: str = _f("bfloat16", "weight dtype: bfloat16 or float32")
-    attention_impl: str = _f("xla", "attention implementation")
+    model_dir: str = flag(help="model directory to evaluate", aliases=("--ckpt_dir",))
+    env_name: str = flag("shapes", "environment")
+    env_kwargs: str = flag("{}", "JSON keyword arguments for the env")
+    split: str | None = flag(None, "dataset split (passed to the env as split=)")
+    max_eval_tasks: int | None = flag(None, "evaluate at most this many tasks")
+    num_samples: int = flag(1, "samples per task (pass@k / best-of-k)")
+    num_generation_tokens: int = flag(256, "max new tokens", aliases=("--max_new_tokens",))
+    temperature: float = flag(0.0, "0 = greedy")
+    top_k: int = flag(0, "top-k (0 = off)")
+    top_p: float = flag(1.0, "nucleus mass (1 = off)")
+    seed: int = flag(0, "seed for task order and sampling")
+    inference_batch_per_device: int = flag(8, "tasks per sampler call per device")
+    vlm_max_pixels: int | None = flag(
+        None, "image pixel budget (default: preprocessor config)", aliases=("--max_pixels",)
+    )
+    output_dir: str = flag("eval_out", "where outputs go")
+    dtype: str = flag("bfloat16", "weight dtype: bfloat16 or float32")
+    attention_impl: str = flag("xla", "attention implementation")
 
 
 def main(argv: Sequence[str] | None = None, *, tune_malloc: bool = False) -> int:

@@ -137,15 +137,17 @@ def collect_groups(setup: StepSetup, params: Any, step: int) -> Rollouts:
     too few informative groups turn up, equal-reward groups fill the batch (they get zero
     advantage). With several processes, each rolls out an equal share of every round.
     """
-    cfg, n = setup.cfg, setup.cfg.group_size
+    cfg = setup.cfg
+    groups, n = cfg.rollout.groups_per_batch, cfg.rollout.group_size
+    dynamic = cfg.algorithm.dynamic_sampling
     key = jax.random.fold_in(jax.random.key(cfg.seed), step)
     rounds: list[tuple[list[Trajectory], list[TurnRows]]] = []
     stats: dict[str, float] = {}
     informative: list[int] = []
     uninformative: list[int] = []
     n_proc = jax.process_count()
-    for attempt in range(cfg.max_refill_rounds + 1 if cfg.dynamic_sampling else 1):
-        need = cfg.groups_per_batch - len(informative) if attempt else cfg.groups_per_batch
+    for attempt in range(cfg.algorithm.max_refill_rounds + 1 if dynamic else 1):
+        need = groups - len(informative) if attempt else groups
         need = -(-need // n_proc) * n_proc  # an equal share for every process
         tasks, offset = distributed.share(setup.data.take(need))
         trajs, turns, timings = run_groups(
@@ -155,9 +157,9 @@ def collect_groups(setup: StepSetup, params: Any, step: int) -> Rollouts:
             tasks,
             setup.sampling,
             jax.random.fold_in(key, attempt),
-            max_turns=cfg.max_turns,
+            max_turns=cfg.rollout.max_turns,
             group_offset=offset,
-            chunks=cfg.rollout_chunks,
+            chunks=cfg.rollout.rollout_chunks,
         )
         timings["rollout/groups_local"] = float(len(tasks))
         for k, v in timings.items():
@@ -168,15 +170,15 @@ def collect_groups(setup: StepSetup, params: Any, step: int) -> Rollouts:
         rewards = np.array([t.reward for t in trajs], np.float32).reshape(-1, n)
         for g, keep in enumerate(np.asarray(dynamic_sampling_mask(rewards))):
             (informative if keep else uninformative).append(groups_seen + g)
-        if not cfg.dynamic_sampling or len(informative) >= cfg.groups_per_batch:
+        if not dynamic or len(informative) >= groups:
             break
     trajectories, turns = merge_rounds(rounds)
-    if cfg.dynamic_sampling:
-        chosen = sorted((informative + uninformative)[: cfg.groups_per_batch])
+    if dynamic:
+        chosen = sorted((informative + uninformative)[:groups])
         stats["groups/refill_rounds"] = float(len(rounds) - 1)
-        stats["groups/informative"] = float(min(len(informative), cfg.groups_per_batch))
+        stats["groups/informative"] = float(min(len(informative), groups))
     else:
-        chosen = list(range(cfg.groups_per_batch))
+        chosen = list(range(groups))
     select = [g * n + j for g in chosen for j in range(n)]
     return Rollouts(trajectories, turns, select, stats)
 
@@ -186,11 +188,11 @@ def shape_rewards(rewards: np.ndarray, lengths: np.ndarray, cfg: TrainConfig) ->
 
     lengths: int[G * n], each trajectory's completion tokens over all its turns.
     """
-    if cfg.overlong != "penalty":
+    limit, algorithm = cfg.rollout.num_generation_tokens, cfg.algorithm
+    if algorithm.overlong != "penalty":
         return rewards
-    assert cfg.num_generation_tokens is not None
-    penalty = overlong_penalty(lengths, cfg.num_generation_tokens, cfg.overlong_buffer)
-    return rewards + np.asarray(penalty)
+    assert limit is not None
+    return rewards + np.asarray(overlong_penalty(lengths, limit, algorithm.overlong_buffer))
 
 
 def score_groups(
@@ -200,15 +202,15 @@ def score_groups(
 
     Returns (batch, trajectories, rewards float32[G, n] after shaping, advantages [G, n]).
     """
-    cfg = setup.cfg
-    assert cfg.num_generation_tokens is not None
+    cfg, rollout, algorithm = setup.cfg, setup.cfg.rollout, setup.cfg.algorithm
+    assert rollout.num_generation_tokens is not None
     batch = build_batch(
         setup.model_config,
         rollouts.turns,
-        cfg.num_generation_tokens,
+        rollout.num_generation_tokens,
         setup.sampler.pad_token_id,
         rollouts.select,
-        prompt_slots=cfg.groups_per_batch,
+        prompt_slots=rollout.groups_per_batch,
     )
     trajs = [rollouts.trajectories[i] for i in rollouts.select]
     # A trajectory's rows are its turns: its length is their completion tokens summed.
@@ -217,10 +219,10 @@ def score_groups(
     for t, length in zip(trajs, lengths, strict=True):
         t.info["length"] = int(length)  # logged with the env's info
     rewards = shape_rewards(np.array([t.reward for t in trajs], np.float32), lengths, cfg)
-    rewards = rewards.reshape(cfg.groups_per_batch, cfg.group_size)
+    rewards = rewards.reshape(rollout.groups_per_batch, rollout.group_size)
     advantages = np.asarray(setup.advantage_fn(jnp.asarray(rewards)))
     mask = batch.mask
-    if cfg.overlong == "mask":  # DAPO's overlong filtering: truncated rows leave the loss
+    if algorithm.overlong == "mask":  # DAPO's overlong filtering: truncated rows leave the loss
         mask = np.asarray(mask_truncated(mask, batch.truncated))
     batch = dataclasses.replace(
         batch,
@@ -228,8 +230,8 @@ def score_groups(
         advantages=advantages.reshape(-1)[batch.trajectory].astype(np.float32),
         # --token_normaliser batch: every minibatch divides by the step's tokens / minibatches
         # (TRL's "dapo"); None: each minibatch by its own token count
-        num_tokens=np.float32(mask.sum() / cfg.minibatches)
-        if cfg.token_normaliser == "batch"
+        num_tokens=np.float32(mask.sum() / algorithm.minibatches)
+        if algorithm.token_normaliser == "batch"
         else None,
     )
     return batch, trajs, rewards, advantages
@@ -273,13 +275,13 @@ def update(
     Minibatches are cut on the host and placed on the mesh one at a time. With one
     minibatch the rows keep their order (no shuffle).
     """
-    cfg = setup.cfg
-    rng = np.random.default_rng([cfg.seed, step])
+    algorithm = setup.cfg.algorithm
+    rng = np.random.default_rng([setup.cfg.seed, step])
     metrics = []
-    for _ in range(cfg.ppo_epochs):
+    for _ in range(algorithm.ppo_epochs):
         rows = batch.num_rows
-        order = rng.permutation(rows) if cfg.minibatches > 1 else np.arange(rows)
-        for rows in np.split(order, cfg.minibatches):
+        order = rng.permutation(rows) if algorithm.minibatches > 1 else np.arange(rows)
+        for rows in np.split(order, algorithm.minibatches):
             state, m = setup.update_fn(state, setup.place(slice_rows(batch, rows)))
             metrics.append(m)
     return state, jax.device_get(metrics)

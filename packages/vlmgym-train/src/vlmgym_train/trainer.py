@@ -24,7 +24,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 from vlmgym_envs import Env
 from vlmgym_envs import make as make_env
 from vlmgym_model import (
-    CompletionStatics,
     Processor,
     Sampler,
     SamplingParams,
@@ -42,10 +41,8 @@ from vlmgym_train.batch import Batch, place_batch
 from vlmgym_train.checkpointing import TrainCheckpointer, TrainState
 from vlmgym_train.config import TrainConfig
 from vlmgym_train.grpo import DataOrder, StepSetup, grpo_step, train_step
-from vlmgym_train.losses import LossConfig
 from vlmgym_train.metrics_log import MetricsLogger, plot_rewards
 from vlmgym_train.optim import (
-    OptimConfig,
     cast_for_compute,
     make_optimizer,
     make_schedule,
@@ -68,50 +65,56 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig) -> None:
         cfg = cfg.resolved()
-        assert cfg.num_generation_tokens is not None and cfg.lr is not None
+        assert cfg.rollout.num_generation_tokens is not None and cfg.optim.lr is not None
         self.cfg = cfg
-        self.max_new_tokens: int = cfg.num_generation_tokens
+        self.max_new_tokens: int = cfg.rollout.num_generation_tokens
         distributed.initialize(
-            cfg.coordinator_address, cfg.num_processes, cfg.process_id, auto=cfg.distributed
+            cfg.mesh.coordinator_address,
+            cfg.mesh.num_processes,
+            cfg.mesh.process_id,
+            auto=cfg.mesh.distributed,
         )
         self.is_main = jax.process_index() == 0
-        if cfg.groups_per_batch % jax.process_count():
+        if cfg.rollout.groups_per_batch % jax.process_count():
             raise ValueError(
-                f"--groups_per_batch {cfg.groups_per_batch} must be a multiple of the "
+                f"--groups_per_batch {cfg.rollout.groups_per_batch} must be a multiple of the "
                 f"{jax.process_count()} processes (each rolls out an equal share)"
             )
         self.run_dir = self._run_dir()
         self.env: Env = make_env(cfg.env_name, **cfg.env_kwargs_dict)
         self.model_dir = self._model_dir()
-        self.mesh = distributed.process_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor)
+        self.mesh = distributed.process_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
         self.rules = ShardingRules()
-        self.param_dtype = _dtype(cfg.param_dtype)
-        self.compute_dtype = _dtype(cfg.compute_dtype)
+        self.param_dtype = _dtype(cfg.optim.param_dtype)
+        self.compute_dtype = _dtype(cfg.optim.compute_dtype)
         self.config, params = load_model(
             self.model_dir, dtype=self.param_dtype, mesh=self.mesh, rules=self.rules
         )
         self.processor = Processor.from_model_dir(self.model_dir)
         self.sampler = Sampler(
-            self.config, self.processor, impl=cfg.attention_impl, max_pixels=cfg.vlm_max_pixels
+            self.config,
+            self.processor,
+            impl=cfg.optim.attention_impl,
+            max_pixels=cfg.rollout.vlm_max_pixels,
         )
         self._init_state(params)
         self.ref_params = (
-            jax.tree.map(jnp.copy, params) if cfg.kl_coef > 0 else None
+            jax.tree.map(jnp.copy, params) if cfg.algorithm.kl_coef > 0 else None
         )  # frozen reference policy
         del params
         # Checkpoints are numbered by optimizer updates; --save_interval counts steps.
         self.checkpointer = TrainCheckpointer(
             self.run_dir / "checkpoints",
-            max_to_keep=cfg.keep_checkpoints,
-            save_interval=cfg.save_interval * cfg.updates_per_step,
+            max_to_keep=cfg.run.keep_checkpoints,
+            save_interval=cfg.run.save_interval * cfg.updates_per_step,
         )
         self.data = DataOrder(len(self.env), cfg.seed)
-        resume_step = self._resume() if cfg.resume else None
+        resume_step = self._resume() if cfg.run.resume else None
         self.logger = (
             MetricsLogger(
                 self.run_dir,
-                wandb_project=cfg.wandb_project,
-                wandb_run_name=cfg.wandb_run_name,
+                wandb_project=cfg.run.wandb_project,
+                wandb_run_name=cfg.run.wandb_run_name,
                 config=dataclasses.asdict(cfg),
                 resume_step=resume_step,
             )
@@ -129,10 +132,10 @@ class Trainer:
         cfg = self.cfg
         default_dir = f"runs/{cfg.env_name}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir = Path(
-            cfg.save_dir or distributed.allgather_bytes(default_dir.encode())[0].decode()
+            cfg.run.save_dir or distributed.allgather_bytes(default_dir.encode())[0].decode()
         )
         ckpt_dir = run_dir / "checkpoints"
-        if not cfg.resume and ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
+        if not cfg.run.resume and ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
             raise FileExistsError(
                 f"{run_dir} already holds checkpoints; pass --resume to continue it or "
                 "choose another --save_dir"
@@ -156,17 +159,9 @@ class Trainer:
         """The optimizer and the train state, laid out on the mesh as the rules say."""
         cfg = self.cfg
         trainable = (
-            None if cfg.train_vision else (lambda p: trainable_by_name(p, frozen=("vision",)))
+            None if cfg.optim.train_vision else (lambda p: trainable_by_name(p, frozen=("vision",)))
         )
-        optim = OptimConfig(
-            optimizer=cfg.optimizer,
-            lr=cfg.lr,
-            warmup_steps=cfg.warmup_steps,
-            schedule=cfg.schedule,
-            total_steps=cfg.total_steps * cfg.updates_per_step,
-            weight_decay=cfg.weight_decay,
-            max_grad_norm=cfg.max_grad_norm,
-        )
+        optim = cfg.optim.optim_config(total_updates=cfg.run.total_steps * cfg.updates_per_step)
         self.tx = make_optimizer(optim, trainable=trainable)
         self.lr_schedule = make_schedule(optim)
         shardings = param_shardings(param_specs(self.config), self.mesh, self.rules)
@@ -190,32 +185,15 @@ class Trainer:
         """What `grpo_step` reads: the env, the sampler, the jitted update and placement."""
         cfg = self.cfg
         # how the log-prob pass runs, in the update and in the reference pass
-        self.statics = statics = CompletionStatics(
-            impl=cfg.attention_impl,
-            remat=cfg.remat,
-            train_vision=cfg.train_vision,
-            logprob_chunk=cfg.logprob_chunk,
-        )
-        loss_cfg = LossConfig(
-            clip_low=cfg.clip_low,
-            clip_high=cfg.clip_high,
-            dual_clip=cfg.dual_clip,
-            aggregation=cfg.aggregation,
-            seq_denominator=cfg.seq_denominator,
-            max_tokens=self.max_new_tokens,
-            kl_coef=cfg.kl_coef,
-            kl_estimator=cfg.kl_estimator,
-            kl_ratio=cfg.kl_ratio,
-            entropy_coef=cfg.entropy_coef,
-            entropy_aggregation=cfg.entropy_aggregation,
-        )
+        self.statics = statics = cfg.optim.completion_statics()
+        loss_cfg = cfg.algorithm.loss_config(max_tokens=self.max_new_tokens)
         update_fn = jax.jit(
             functools.partial(
                 train_step,
                 tx=self.tx,
                 config=self.config,
                 statics=statics,
-                loss_name=cfg.loss,
+                loss_name=cfg.algorithm.loss,
                 loss_cfg=loss_cfg,
                 compute_dtype=self.compute_dtype,
             ),
@@ -239,14 +217,16 @@ class Trainer:
             sampler=self.sampler,
             sampling=SamplingParams(
                 max_new_tokens=self.max_new_tokens,
-                temperature=cfg.temperature,
-                top_k=cfg.top_k,
-                top_p=cfg.top_p,
-                num_samples=cfg.group_size,
+                temperature=cfg.rollout.temperature,
+                top_k=cfg.rollout.top_k,
+                top_p=cfg.rollout.top_p,
+                num_samples=cfg.rollout.group_size,
             ),
             model_config=self.config,
             data=self.data,
-            advantage_fn=functools.partial(get_advantage(cfg.advantage), **cfg.advantage_kwargs),
+            advantage_fn=functools.partial(
+                get_advantage(cfg.algorithm.advantage), **cfg.algorithm.advantage_kwargs
+            ),
             update_fn=update_fn,
             place=lambda batch: place_batch(batch, self._place),
             rollout_params=self.rollout_params,
@@ -290,14 +270,14 @@ class Trainer:
         cfg = self.cfg
         start = int(self.state.step) // cfg.updates_per_step
         bar = None
-        if cfg.progress and self.is_main:
+        if cfg.run.progress and self.is_main:
             from tqdm.auto import tqdm
 
             bar = tqdm(
-                total=cfg.total_steps, initial=start, desc="train", unit="step", file=sys.stderr
+                total=cfg.run.total_steps, initial=start, desc="train", unit="step", file=sys.stderr
             )
         try:
-            for step in range(start, cfg.total_steps):
+            for step in range(start, cfg.run.total_steps):
                 metrics = self.step(step)
                 self.history.append(metrics)
                 if self.logger is not None:
@@ -308,7 +288,7 @@ class Trainer:
                         reward=f"{metrics['reward/mean']:.3f}",
                         step_s=f"{metrics['time/step_s']:.1f}",
                     )
-                if self.nan_streak >= cfg.max_nan_steps:
+                if self.nan_streak >= cfg.run.max_nan_steps:
                     self.save(step + 1, force=True)
                     raise TrainingError(
                         f"{self.nan_streak} consecutive steps had a non-finite loss or "
@@ -318,8 +298,8 @@ class Trainer:
                     )
                 if self.nan_streak:
                     log.warning("step %d: non-finite loss or gradient, update skipped", step + 1)
-                self.save(step + 1, force=step + 1 == cfg.total_steps)
-                if cfg.test_interval and (step + 1) % cfg.test_interval == 0:
+                self.save(step + 1, force=step + 1 == cfg.run.total_steps)
+                if cfg.run.test_interval and (step + 1) % cfg.run.test_interval == 0:
                     self.evaluate(step + 1)
         finally:
             if bar is not None:
@@ -348,9 +328,9 @@ class Trainer:
         result = evaluate(
             params,
             self.sampler,
-            make_env(cfg.test_env_name or cfg.env_name, **cfg.env_kwargs_dict),
+            make_env(cfg.run.test_env_name or cfg.env_name, **cfg.env_kwargs_dict),
             EvalConfig(
-                max_eval_tasks=cfg.test_tasks,
+                max_eval_tasks=cfg.run.test_tasks,
                 num_generation_tokens=self.max_new_tokens,
                 temperature=0.0,
                 seed=cfg.seed,
