@@ -141,7 +141,7 @@ def test_vision_tower_is_differentiable(params):
     pixels = jnp.asarray(random_pixels(grids, 4))
 
     def loss(weights: vision.VisionWeights) -> jax.Array:
-        _, features = vision.vision_tower(
+        _, features, _ = vision.vision_tower(
             weights,
             pixels,
             jnp.asarray(layout.patch_order),

@@ -17,6 +17,7 @@ from fixtures.tokenizer import QWEN2_5_VL_CHAT_TEMPLATE, write_tiny_tokenizer
 from PIL import Image
 from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
+from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 from vlmgym_model.chat_template import compile_chat_template
 from vlmgym_model.processing import Processor
 
@@ -361,3 +362,51 @@ def test_clear_errors(ours, tmp_path):
         ours([user({"type": "video", "video": "clip.mp4"}, text="What happens?")])
     with pytest.raises(ValueError, match="padding_side"):
         ours(CONVERSATIONS["one_image"], padding_side="middle")
+
+
+# ---------------------------------------------------------------- Qwen3-VL's image settings
+
+
+class HFQwen3Reference(Qwen3VLProcessor):
+    """HF's Qwen3-VL processor without a video processor."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+QWEN3_VL_IMAGES = {
+    # Qwen3-VL's preprocessor_config.json: patch 16 (side factor 32), mean = std = 0.5,
+    # pixel bounds as size {shortest_edge, longest_edge}; a small budget keeps tokens few.
+    "patch_size": 16,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "size": {"shortest_edge": 32 * 32 * 4, "longest_edge": 32 * 32 * 64},
+    "image_processor_type": "Qwen2VLImageProcessor",
+    "processor_class": "Qwen3VLProcessor",
+}
+
+
+@pytest.fixture(scope="module")
+def qwen3_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-qwen3-tokenizer")
+    write_tiny_tokenizer(path)
+    (path / "preprocessor_config.json").write_text(json.dumps(QWEN3_VL_IMAGES))
+    return path
+
+
+@pytest.mark.parametrize("name", ["one_image", "several_images_one_turn", "text_between_images"])
+def test_qwen3_vl_image_settings_match_hf(qwen3_dir, tol, name):
+    """Pixels (patch 16, mean/std 0.5), grids, ids and masks equal HF's Qwen3-VL processor."""
+    ours = Processor.from_model_dir(qwen3_dir)
+    assert ours.image_processor.config.patch_size == 16
+    hf = HFQwen3Reference(
+        image_processor=Qwen2VLImageProcessorPil.from_pretrained(qwen3_dir),
+        tokenizer=AutoTokenizer.from_pretrained(qwen3_dir),
+        chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
+    )
+    messages = CONVERSATIONS[name]
+    out = ours(messages)
+    assert out["pixel_values"].shape[1] == 3 * 2 * 16 * 16
+    assert_same(out, hf_process(hf, messages), tol)

@@ -164,7 +164,7 @@ def test_vision_tower_matches_hf(model, tol):
     pixels, grids = pixels_for(["A", "B", "C"])
     with torch.no_grad():
         ref = model.hf_model.model.visual(torch.as_tensor(pixels), grid_thw=torch.as_tensor(grids))
-    hidden, features = vision.run_vision_tower(
+    hidden, features, _ = vision.run_vision_tower(
         model.params.vision, model.config.vision, pixels, grids
     )
     ref_hidden, ref_features = ref.last_hidden_state.numpy(), ref.pooler_output.numpy()

@@ -21,7 +21,15 @@ from vlmgym_model.qwen2_5_vl.config import Qwen2_5_VLConfig
 from vlmgym_model.qwen2_5_vl.model import param_specs
 from vlmgym_model.weights import is_spec
 
-from vlmgym_convert.mapping import Rule, canonical_hf_name, hf_shape, rules, to_hf, to_ours
+from vlmgym_convert.mapping import (
+    Rule,
+    canonical_hf_name,
+    hf_shape,
+    published_hf_name,
+    rules,
+    to_hf,
+    to_ours,
+)
 from vlmgym_convert.safetensors_io import (
     DTYPES,
     SafetensorsFile,
@@ -107,7 +115,7 @@ def hf_to_jax(
     force: bool = False,
     progress: bool = True,
 ) -> Qwen2_5_VLConfig:
-    """Convert an HF Qwen2.5-VL checkpoint directory into a vlm-gym model directory.
+    """Convert an HF Qwen-VL checkpoint (any family) into a vlm-gym model directory.
 
     Reads single-file or sharded safetensors (bf16, fp16 or fp32) without torch, checks
     every tensor against config.json, and writes `params/` with orbax plus unchanged copies
@@ -216,7 +224,8 @@ def jax_to_hf(
                 for i, name in enumerate(names):
                     per_layer = host[i] if rule.layered else host
                     shape = hf_shape(rule, per_layer.shape, config)
-                    yield name, np.ascontiguousarray(to_hf(rule, per_layer, shape))
+                    out = np.ascontiguousarray(to_hf(rule, per_layer, shape))
+                    yield published_hf_name(name, config), out
                     bar.update(1)
 
     shards = list(_shards(tensors(), max_shard_bytes))

@@ -1,4 +1,5 @@
-"""The one table between HF tensor names and vlm-gym weight names, with both directions.
+"""The one table between HF tensor names and vlm-gym weight names, with both directions,
+for every family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL: the rules follow the config's switches).
 
 Each rule names an HF tensor (with `{i}` for a layer index), the vlm-gym weight it fills
 (layer-stacked weights get one HF tensor per layer) and how the layout changes:
@@ -34,25 +35,49 @@ class Rule:
         return [self.hf.format(i=i) for i in range(num_layers)] if self.layered else [self.hf]
 
 
-def rules(config: Qwen2_5_VLConfig) -> list[Rule]:
-    """Every tensor of a Qwen2.5-VL checkpoint, in the published (legacy) HF naming."""
+def _text_rules(config: Qwen2_5_VLConfig) -> list[Rule]:
     t = "model.layers.{i}."
-    v = "visual.blocks.{i}."
     out = [
         Rule("model.embed_tokens.weight", "text.embed", "copy"),
         Rule("model.norm.weight", "text.norm", "copy"),
         Rule(t + "input_layernorm.weight", "text.layers.input_norm", "copy", layered=True),
         Rule(t + "self_attn.q_proj.weight", "text.layers.q_proj", "linear", layered=True),
-        Rule(t + "self_attn.q_proj.bias", "text.layers.q_bias", "flat", layered=True),
         Rule(t + "self_attn.k_proj.weight", "text.layers.k_proj", "linear", layered=True),
-        Rule(t + "self_attn.k_proj.bias", "text.layers.k_bias", "flat", layered=True),
         Rule(t + "self_attn.v_proj.weight", "text.layers.v_proj", "linear", layered=True),
-        Rule(t + "self_attn.v_proj.bias", "text.layers.v_bias", "flat", layered=True),
         Rule(t + "self_attn.o_proj.weight", "text.layers.o_proj", "linear", 2, layered=True),
         Rule(t + "post_attention_layernorm.weight", "text.layers.post_norm", "copy", layered=True),
         Rule(t + "mlp.gate_proj.weight", "text.layers.gate_proj", "linear", layered=True),
         Rule(t + "mlp.up_proj.weight", "text.layers.up_proj", "linear", layered=True),
         Rule(t + "mlp.down_proj.weight", "text.layers.down_proj", "linear", layered=True),
+    ]
+    if config.text.attention_bias:
+        out += [
+            Rule(t + f"self_attn.{x}_proj.bias", f"text.layers.{x}_bias", "flat", layered=True)
+            for x in "qkv"
+        ]
+    if config.text.qk_norm:
+        out += [
+            Rule(t + f"self_attn.{x}_norm.weight", f"text.layers.{x}_norm", "copy", layered=True)
+            for x in "qk"
+        ]
+    if not config.text.tie_word_embeddings:
+        out.append(Rule("lm_head.weight", "text.lm_head", "linear"))
+    return out
+
+
+def _linear(hf: str, ours: str, layered: bool = False, n_in: int = 1) -> list[Rule]:
+    """A Linear's weight and bias (`x_proj` -> `x_bias`, otherwise `x` -> `x_bias`)."""
+    bias = ours.removesuffix("_proj") + "_bias"
+    return [
+        Rule(hf + ".weight", ours, "linear", n_in, layered=layered),
+        Rule(hf + ".bias", bias, "copy", layered=layered),
+    ]
+
+
+def _vision_rules(config: Qwen2_5_VLConfig) -> list[Rule]:
+    vc = config.vision
+    v = "visual.blocks.{i}."
+    out = [
         Rule("visual.patch_embed.proj.weight", "vision.patch_embed", "conv"),
         Rule(v + "norm1.weight", "vision.blocks.norm1", "copy", layered=True),
         Rule(v + "attn.qkv.weight", "vision.blocks.qkv_proj", "linear", layered=True),
@@ -60,21 +85,66 @@ def rules(config: Qwen2_5_VLConfig) -> list[Rule]:
         Rule(v + "attn.proj.weight", "vision.blocks.o_proj", "linear", 2, layered=True),
         Rule(v + "attn.proj.bias", "vision.blocks.o_bias", "copy", layered=True),
         Rule(v + "norm2.weight", "vision.blocks.norm2", "copy", layered=True),
-        Rule(v + "mlp.gate_proj.weight", "vision.blocks.gate_proj", "linear", layered=True),
-        Rule(v + "mlp.gate_proj.bias", "vision.blocks.gate_bias", "copy", layered=True),
-        Rule(v + "mlp.up_proj.weight", "vision.blocks.up_proj", "linear", layered=True),
-        Rule(v + "mlp.up_proj.bias", "vision.blocks.up_bias", "copy", layered=True),
-        Rule(v + "mlp.down_proj.weight", "vision.blocks.down_proj", "linear", layered=True),
-        Rule(v + "mlp.down_proj.bias", "vision.blocks.down_bias", "copy", layered=True),
-        Rule("visual.merger.ln_q.weight", "vision.merger_norm", "copy"),
-        Rule("visual.merger.mlp.0.weight", "vision.merger_fc1", "linear"),
-        Rule("visual.merger.mlp.0.bias", "vision.merger_fc1_bias", "copy"),
-        Rule("visual.merger.mlp.2.weight", "vision.merger_fc2", "linear"),
-        Rule("visual.merger.mlp.2.bias", "vision.merger_fc2_bias", "copy"),
     ]
-    if not config.text.tie_word_embeddings:
-        out.append(Rule("lm_head.weight", "text.lm_head", "linear"))
+    if vc.norm == "layer":
+        out += [
+            Rule(v + f"norm{n}.bias", f"vision.blocks.norm{n}_bias", "copy", layered=True)
+            for n in (1, 2)
+        ]
+    # MLP: Qwen2.5-VL's SwiGLU, Qwen2-VL's fc1/fc2, Qwen3-VL's linear_fc1/linear_fc2
+    if vc.gated_mlp:
+        for x in ("gate", "up", "down"):
+            out += _linear(v + f"mlp.{x}_proj", f"vision.blocks.{x}_proj", layered=True)
+    else:
+        fc = "linear_fc" if config.model_type == "qwen3_vl" else "fc"
+        out += _linear(v + f"mlp.{fc}1", "vision.blocks.up_proj", layered=True)
+        out += _linear(v + f"mlp.{fc}2", "vision.blocks.down_proj", layered=True)
+    # the merger (and Qwen3-VL's patch bias, position table and DeepStack mergers)
+    if config.model_type == "qwen3_vl":
+        out += [
+            Rule("visual.patch_embed.proj.bias", "vision.patch_bias", "copy"),
+            Rule("visual.pos_embed.weight", "vision.pos_embed", "copy"),
+            Rule("visual.merger.norm.weight", "vision.merger_norm", "copy"),
+            Rule("visual.merger.norm.bias", "vision.merger_norm_bias", "copy"),
+            *_linear("visual.merger.linear_fc1", "vision.merger_fc1"),
+            *_linear("visual.merger.linear_fc2", "vision.merger_fc2"),
+        ]
+        d = "visual.deepstack_merger_list.{i}."
+        if vc.deepstack_visual_indexes:
+            out += [
+                Rule(d + "norm.weight", "vision.deepstack.norm", "copy", layered=True),
+                Rule(d + "norm.bias", "vision.deepstack.norm_bias", "copy", layered=True),
+                *_linear(d + "linear_fc1", "vision.deepstack.fc1", layered=True),
+                *_linear(d + "linear_fc2", "vision.deepstack.fc2", layered=True),
+            ]
+        return out
+    out += [
+        Rule("visual.merger.ln_q.weight", "vision.merger_norm", "copy"),
+        *_linear("visual.merger.mlp.0", "vision.merger_fc1"),
+        *_linear("visual.merger.mlp.2", "vision.merger_fc2"),
+    ]
+    if vc.norm == "layer":
+        out.append(Rule("visual.merger.ln_q.bias", "vision.merger_norm_bias", "copy"))
     return out
+
+
+def rules(config: Qwen2_5_VLConfig) -> list[Rule]:
+    """Every tensor of a checkpoint of the config's family, in the canonical HF naming
+    (`model.layers...`, `visual...`; see `canonical_hf_name` and `published_hf_name`)."""
+    return _text_rules(config) + _vision_rules(config)
+
+
+def published_hf_name(name: str, config: Qwen2_5_VLConfig) -> str:
+    """The name a canonical tensor has in the family's published checkpoints: Qwen3-VL's
+    are under `model.language_model.` and `model.visual.`; older families keep the
+    canonical names (transformers 5 maps them when loading)."""
+    if config.model_type != "qwen3_vl":
+        return name
+    if name.startswith("model."):
+        return "model.language_model." + name[len("model.") :]
+    if name.startswith("visual."):
+        return "model." + name
+    return name
 
 
 def canonical_hf_name(name: str) -> str:

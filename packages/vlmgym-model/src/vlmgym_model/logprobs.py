@@ -143,7 +143,7 @@ def completion_logprobs(
 ) -> tuple[jax.Array, jax.Array]:
     """Per-token log-probs and entropies of the completions: float32[R, N] each."""
     prompts = batch.prompts
-    xp = embed(
+    xp, deepstack = embed(
         params,
         config,
         prompts,
@@ -165,6 +165,7 @@ def completion_logprobs(
         config.text,
         impl=statics.impl,
         remat=statics.remat,
+        deepstack=deepstack,
     )  # [P, T, D], [R, N, D]
     # Position i predicts token i + 1: the prompt's last position predicts the first target.
     h = jnp.concatenate([hp[batch.row_prompt, -1:], hc[:, :-1]], axis=1)  # [R, N, D]

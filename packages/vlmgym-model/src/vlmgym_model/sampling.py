@@ -224,7 +224,7 @@ class Sampler:
         num_samples: int,
     ) -> tuple[jax.Array, KVCache]:
         self.compilations["prefill"] += 1  # runs once per trace, i.e. per compilation
-        x = embed(params, self.config, inputs, impl=self.impl)  # vision tower included
+        x, deepstack = embed(params, self.config, inputs, impl=self.impl)  # vision included
         logits, cache = prefill(
             params.text,
             self.config,
@@ -235,6 +235,7 @@ class Sampler:
             num_samples=num_samples,
             impl=self.impl,
             cache_dtype=self.cache_dtype,
+            deepstack=deepstack,
         )
         if num_samples > 1:
             logits = jnp.repeat(logits, num_samples, axis=0)

@@ -36,6 +36,7 @@ _DEFAULT_RULES: dict[str, MeshAxes] = {
     "norm": None,
     # vision tower weights
     "vision_patch": None,
+    "vision_positions": None,
     "vision_embed": "fsdp",
     "vision_qkv": None,
     "vision_heads": "tensor",

@@ -1,4 +1,4 @@
-"""Tiny Qwen2.5-VL-shaped models with a word-level tokenizer, for demos and learning tests.
+"""Tiny Qwen-VL-shaped models (any family) with a word-level tokenizer, for demos and tests.
 
 A randomly initialised model must find a rewarded answer by chance before RL can teach it
 anything. With Qwen's 151,936-token vocabulary that never happens; with a word-level
@@ -34,6 +34,18 @@ QWEN2_5_VL_CHAT_TEMPLATE = (
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+# Each family's image processor settings (preprocessor_config.json).
+_CLIP = {
+    "patch_size": 14,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+}
+IMAGE_SETTINGS: dict[str, dict[str, Any]] = {
+    "qwen2_vl": _CLIP,
+    "qwen2_5_vl": _CLIP,
+    "qwen3_vl": {"patch_size": 16, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]},
+}
 
 # Qwen2.5-VL's added tokens, in Qwen's order, with whether each is special.
 QWEN_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
@@ -87,9 +99,13 @@ def write_word_tokenizer(
     chat_template: str = QWEN2_5_VL_CHAT_TEMPLATE,
     min_pixels: int = 3136,
     max_pixels: int = 200_704,
+    family: str = "qwen2_5_vl",
 ) -> dict[str, int]:
     """Write tokenizer.json, tokenizer_config.json, chat_template.json, generation_config.json
     and preprocessor_config.json for a word-level vocabulary covering `texts`.
+
+    The image processor settings are the family's: patch 14 and CLIP's mean/std
+    (Qwen2-VL, Qwen2.5-VL), or patch 16 and mean = std = 0.5 (Qwen3-VL).
 
     Every word of `texts` (and of the chat template's system prompt) gets one token, in
     first-seen order after `<unk>` (id 0); Qwen's added tokens follow.
@@ -136,11 +152,9 @@ def write_word_tokenizer(
             "image_processor_type": "Qwen2VLImageProcessor",
             "min_pixels": min_pixels,
             "max_pixels": max_pixels,
-            "patch_size": 14,
             "temporal_patch_size": 2,
             "merge_size": 2,
-            "image_mean": [0.48145466, 0.4578275, 0.40821073],
-            "image_std": [0.26862954, 0.26130258, 0.27577711],
+            **IMAGE_SETTINGS[family],
             "do_rescale": True,
             "rescale_factor": 1 / 255,
             "do_normalize": True,
@@ -165,12 +179,42 @@ def tiny_config_dict(
     vision_hidden_size: int = 32,
     vision_heads: int = 2,
     fullatt_block_indexes: Sequence[int] = (1,),
+    family: str = "qwen2_5_vl",
 ) -> dict[str, Any]:
-    """A Qwen2.5-VL `config.json` (published flat layout) for a tiny model over `vocab`."""
+    """A `config.json` (the family's published layout) for a tiny model over `vocab`.
+
+    Qwen2-VL and Qwen3-VL towers attend over whole images (no windows);
+    Qwen3-VL's taps every vision block for DeepStack (as many as the decoder has layers)
+    and has an 8 x 8 learned position table.
+    """
     head_dim = hidden_size // num_attention_heads
     half = head_dim // 2
     t = half // 4
     section = [t, (half - t) // 2, half - t - (half - t) // 2]
+    if family != "qwen2_5_vl":
+        return _family_config_dict(
+            vocab,
+            family,
+            text=dict(
+                vocab_size=len(vocab),
+                hidden_size=hidden_size,
+                intermediate_size=intermediate_size,
+                num_hidden_layers=num_hidden_layers,
+                num_attention_heads=num_attention_heads,
+                num_key_value_heads=num_key_value_heads,
+                rope_theta=10000.0,
+                mrope_section=tuple(section),
+                tie_word_embeddings=True,
+                max_position_embeddings=4096,
+            ),
+            vision=dict(
+                depth=vision_depth,
+                hidden_size=vision_hidden_size,
+                intermediate_size=2 * vision_hidden_size,
+                num_heads=vision_heads,
+                out_hidden_size=hidden_size,
+            ),
+        )
     return {
         "architectures": ["Qwen2_5_VLForConditionalGeneration"],
         "model_type": "qwen2_5_vl",
@@ -210,6 +254,43 @@ def tiny_config_dict(
     }
 
 
+def _family_config_dict(
+    vocab: dict[str, int], family: str, text: dict[str, Any], vision: dict[str, Any]
+) -> dict[str, Any]:
+    from vlmgym_model.qwen2_5_vl.config import Qwen2_5_VLConfig, TextConfig, VisionConfig
+
+    qwen3 = family == "qwen3_vl"
+    depth = vision["depth"]
+    vision_config = VisionConfig(
+        **vision,
+        window_size=0,
+        fullatt_block_indexes=(),
+        norm="layer",
+        patch_size=IMAGE_SETTINGS[family]["patch_size"],
+        hidden_act="gelu_pytorch_tanh" if qwen3 else "quick_gelu",
+        patch_bias=qwen3,
+        num_position_embeddings=64 if qwen3 else 0,
+        deepstack_visual_indexes=tuple(range(min(depth, text["num_hidden_layers"])))
+        if qwen3
+        else (),
+    )
+    text_config = TextConfig(
+        **text, attention_bias=not qwen3, qk_norm=qwen3, mrope_interleaved=qwen3
+    )
+    config = Qwen2_5_VLConfig(
+        text=text_config,
+        vision=vision_config,
+        image_token_id=vocab["<|image_pad|>"],
+        video_token_id=vocab["<|video_pad|>"],
+        vision_start_token_id=vocab["<|vision_start|>"],
+        vision_end_token_id=vocab["<|vision_end|>"],
+        bos_token_id=None,
+        eos_token_id=vocab["<|im_end|>"],
+        model_type=family,
+    )
+    return config.to_hf_dict()
+
+
 def write_tiny_model(
     directory: str | Path,
     texts: Iterable[str],
@@ -217,9 +298,11 @@ def write_tiny_model(
     seed: int = 0,
     init_scale: float = 0.02,
     vision_init_scale: float | None = None,
+    family: str = "qwen2_5_vl",
     **config_overrides: Any,
 ) -> Path:
-    """Write a whole tiny model directory: word tokenizer, config.json and random params.
+    """Write a whole tiny model directory of `family` (see `config.FAMILIES`): word
+    tokenizer, config.json and random params.
 
     Args:
       texts: text the tokenizer must cover (prompts and answer words).
@@ -235,8 +318,8 @@ def write_tiny_model(
     from vlmgym_model.qwen2_5_vl.model import init_random_params
 
     directory = Path(directory)
-    vocab = write_word_tokenizer(directory, texts)
-    raw = tiny_config_dict(vocab, **config_overrides)
+    vocab = write_word_tokenizer(directory, texts, family=family)
+    raw = tiny_config_dict(vocab, family=family, **config_overrides)
     (directory / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     config = Qwen2_5_VLConfig.from_hf_dict(raw)
     params = init_random_params(config, jax.random.key(seed), scale=init_scale)

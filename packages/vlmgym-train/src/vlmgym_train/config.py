@@ -291,6 +291,9 @@ class TrainConfig:
     env_name: str = flag("shapes", "environment (shapes, osv5m, nlvr2, caption, or registered)")
     env_kwargs: str = flag("{}", 'JSON keyword arguments for the env, e.g. \'{"data_dir": "x"}\'')
     seed: int = flag(0, "seed for data order, sampling and the preset's init")
+    preset_family: Literal["qwen2_5_vl", "qwen3_vl", "qwen2_vl"] = flag(
+        "qwen2_5_vl", "model family of the tiny preset (used without --model_dir)"
+    )
     rollout: RolloutSection = dataclasses.field(default_factory=RolloutSection)
     algorithm: AlgorithmSection = dataclasses.field(default_factory=AlgorithmSection)
     optim: OptimSection = dataclasses.field(default_factory=OptimSection)
@@ -317,6 +320,7 @@ class TrainConfig:
             raise ValueError(f"--env_kwargs is not valid JSON: {err}") from err
         if not isinstance(kwargs, dict):
             raise ValueError("--env_kwargs must be a JSON object")
+        _one_of(self, "preset_family", ("qwen2_5_vl", "qwen3_vl", "qwen2_vl"))
 
     @classmethod
     def flat(cls, **settings: Any) -> TrainConfig:

@@ -1,4 +1,5 @@
-"""Built-in model presets: a tiny randomly initialised Qwen2.5-VL with an offline tokenizer.
+"""Built-in model presets: a tiny randomly initialised Qwen-VL (Qwen2.5-VL by default,
+Qwen3-VL or Qwen2-VL with `--preset_family`) with an offline tokenizer.
 
 `vlmgym-train` with no `--model_dir` trains this preset on the `shapes` environment. Its
 word-level tokenizer is built from the environment's own prompts, so every answer word is
@@ -61,8 +62,10 @@ def write_tiny_preset(
     *,
     seed: int = 0,
     vision_init_scale: float = TINY_VISION_INIT_SCALE,
+    family: str = "qwen2_5_vl",
 ) -> Path:
-    """Write the tiny preset's model directory for `env` (tokenizer, config, random params)."""
+    """Write the tiny preset's model directory for `env` (tokenizer, config, random params)
+    in the model family `family`."""
     from vlmgym_model import write_tiny_model
 
     return write_tiny_model(
@@ -70,5 +73,6 @@ def write_tiny_preset(
         environment_texts(env),
         seed=seed,
         vision_init_scale=vision_init_scale,
+        family=family,
         **TINY_PRESET,
     )

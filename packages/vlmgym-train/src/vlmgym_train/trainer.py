@@ -151,7 +151,7 @@ class Trainer:
 
         target = self.run_dir / "init_model"
         if self.is_main and not (target / "params").is_dir():
-            write_tiny_preset(target, self.env, seed=self.cfg.seed)
+            write_tiny_preset(target, self.env, seed=self.cfg.seed, family=self.cfg.preset_family)
         distributed.sync("vlmgym_train:init_model")
         return target
 

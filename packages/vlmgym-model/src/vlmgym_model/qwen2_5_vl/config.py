@@ -1,4 +1,16 @@
-"""Qwen2.5-VL architecture configs, read from (and written back to) HF `config.json`.
+"""Qwen-VL architecture configs (Qwen2-VL, Qwen2.5-VL, Qwen3-VL dense), read from (and
+written back to) HF `config.json`.
+
+The family is a property of the checkpoint: `config.json`'s `model_type` picks it, and the
+config records what differs between families as architecture switches (q/k norms, biases,
+interleaved mRoPE, the vision tower's norm, MLP, windows, learned position table and
+DeepStack), so the model code asks the config, never the family's name.
+
+- qwen2_vl: Qwen2 text (q/k/v biases, chunked mRoPE); a LayerNorm + QuickGELU vision tower
+  with full attention per image.
+- qwen2_5_vl: Qwen2 text; an RMSNorm + SwiGLU tower with window attention.
+- qwen3_vl: Qwen3 text (q/k RMSNorm, no biases, interleaved mRoPE); a LayerNorm + GELU(tanh)
+  tower with a learned position table and DeepStack features for the first decoder layers.
 
 Two layouts of `config.json` occur in the wild and both load here:
 
@@ -15,13 +27,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+_REFUSED = {
+    "qwen3_vl_moe": "Qwen3-VL MoE checkpoints (e.g. 30B-A3B) are not supported; the dense "
+    "Qwen3-VL models (2B, 4B, 8B, 32B) are",
+}
+
 
 class ConfigError(ValueError):
-    """A `config.json` that does not describe a Qwen2.5-VL model we can build."""
+    """A `config.json` that does not describe a Qwen-VL model we can build."""
 
 
 def _require(cond: bool, message: str) -> None:
@@ -31,7 +50,12 @@ def _require(cond: bool, message: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
-    """The Qwen2 decoder: GQA attention with q/k/v biases, SwiGLU MLP, RMSNorm, mRoPE."""
+    """The decoder: GQA attention, SwiGLU MLP, RMSNorm, mRoPE.
+
+    Qwen2 (Qwen2-VL, Qwen2.5-VL): q/k/v biases, mRoPE sections in chunks. Qwen3 (Qwen3-VL):
+    no biases, an RMSNorm over each head's q and k before the rotary (`qk_norm`), a head
+    width of its own (`head_dim`, not hidden_size / heads), and interleaved mRoPE.
+    """
 
     vocab_size: int
     hidden_size: int
@@ -45,8 +69,19 @@ class TextConfig:
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 128_000
     hidden_act: str = "silu"
+    head_dim: int = 0  # 0: hidden_size // num_attention_heads
+    attention_bias: bool = True  # q/k/v biases (Qwen2); Qwen3 has none
+    qk_norm: bool = False  # RMSNorm over head_dim on q and k (Qwen3)
+    mrope_interleaved: bool = False  # Qwen3-VL: T/H/W frequencies interleaved, not chunked
 
     def __post_init__(self) -> None:
+        if not self.head_dim and self.num_attention_heads:
+            _require(
+                self.hidden_size % self.num_attention_heads == 0,
+                f"text config: hidden_size={self.hidden_size} is not divisible by "
+                f"num_attention_heads={self.num_attention_heads} (and no head_dim is given)",
+            )
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         for name in (
             "vocab_size",
             "hidden_size",
@@ -60,11 +95,7 @@ class TextConfig:
                 isinstance(value, int) and value > 0,
                 f"text config: {name} must be a positive int, got {value!r}",
             )
-        _require(
-            self.hidden_size % self.num_attention_heads == 0,
-            f"text config: hidden_size={self.hidden_size} is not divisible by "
-            f"num_attention_heads={self.num_attention_heads}",
-        )
+        _require(self.head_dim > 0, f"text config: head_dim must be positive, got {self.head_dim}")
         _require(
             self.num_attention_heads % self.num_key_value_heads == 0,
             f"text config: num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -91,14 +122,37 @@ class TextConfig:
             f"text config: hidden_act={self.hidden_act!r} is not supported (Qwen2 uses 'silu')",
         )
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+    def frequency_axes(self) -> tuple[int, ...]:
+        """Which position axis (0 t, 1 h, 2 w) drives each of the head_dim // 2 rotary
+        frequencies: chunks of `mrope_section` (Qwen2/2.5-VL), or interleaved (Qwen3-VL:
+        h on frequencies 1, 4, 7, ... below 3 * section[1], w on 2, 5, 8, ... below
+        3 * section[2], t on the rest)."""
+        t, h, w = self.mrope_section
+        if not self.mrope_interleaved:
+            return (0,) * t + (1,) * h + (2,) * w
+        axes = []
+        for j in range(self.head_dim // 2):
+            if j % 3 == 1 and j < 3 * h:
+                axes.append(1)
+            elif j % 3 == 2 and j < 3 * w:
+                axes.append(2)
+            else:
+                axes.append(0)
+        return tuple(axes)
 
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-    """The Qwen2.5-VL vision tower: ViT with 2D RoPE, window attention and a 2x2 merger."""
+    """The vision tower: a ViT with 2D RoPE over patches, and a 2x2 merger into the text.
+
+    Qwen2.5-VL: RMSNorm, SwiGLU MLP (`hidden_act="silu"`), window attention with full
+    attention in `fullatt_block_indexes`. Qwen2-VL: LayerNorm, a two-layer QuickGELU MLP,
+    full attention (`window_size=0`). Qwen3-VL: LayerNorm, a GELU(tanh) MLP, full
+    attention, a Conv3d bias, a learned square position table resampled to each image
+    (`num_position_embeddings`), and DeepStack: the outputs of the blocks in
+    `deepstack_visual_indexes` go through mergers of their own into the first decoder
+    layers.
+    """
 
     depth: int = 32
     hidden_size: int = 1280
@@ -112,9 +166,13 @@ class VisionConfig:
     window_size: int = 112
     fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
     tokens_per_second: float = 2.0
-    hidden_act: str = "silu"
-    rms_norm_eps: float = 1e-6
+    hidden_act: str = "silu"  # "silu": SwiGLU; "quick_gelu", "gelu_pytorch_tanh": fc1-act-fc2
+    rms_norm_eps: float = 1e-6  # the eps of every vision norm, RMS or Layer
     rope_theta: float = 10_000.0  # the 2D vision rotary's base (HF: rope_parameters.rope_theta)
+    norm: str = "rms"  # "rms" (Qwen2.5-VL) or "layer" (LayerNorm with bias)
+    patch_bias: bool = False  # the Conv3d patch embedding has a bias (Qwen3-VL)
+    num_position_embeddings: int = 0  # learned position table of this many entries (a square)
+    deepstack_visual_indexes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name in (
@@ -127,13 +185,28 @@ class VisionConfig:
             "patch_size",
             "spatial_merge_size",
             "temporal_patch_size",
-            "window_size",
         ):
             value = getattr(self, name)
             _require(
                 isinstance(value, int) and value > 0,
                 f"vision config: {name} must be a positive int, got {value!r}",
             )
+        _require(
+            isinstance(self.window_size, int) and self.window_size >= 0,
+            f"vision config: window_size must be >= 0 (0: no windows), got {self.window_size!r}",
+        )
+        _require(self.norm in ("rms", "layer"), f"vision config: norm={self.norm!r}")
+        side = math.isqrt(self.num_position_embeddings)
+        _require(
+            side * side == self.num_position_embeddings,
+            f"vision config: num_position_embeddings={self.num_position_embeddings} is not a "
+            "square (the learned position table is side x side)",
+        )
+        bad = [i for i in self.deepstack_visual_indexes if not 0 <= i < self.depth]
+        _require(
+            not bad,
+            f"vision config: deepstack_visual_indexes {bad} are outside the {self.depth} blocks",
+        )
         _require(
             self.hidden_size % self.num_heads == 0,
             f"vision config: hidden_size={self.hidden_size} is not divisible by "
@@ -155,9 +228,9 @@ class VisionConfig:
             f"vision config: fullatt_block_indexes {bad} are outside the {self.depth} blocks",
         )
         _require(
-            self.hidden_act == "silu",
-            f"vision config: hidden_act={self.hidden_act!r} is not supported (Qwen2.5-VL uses "
-            "'silu')",
+            self.hidden_act in ("silu", "quick_gelu", "gelu_pytorch_tanh"),
+            f"vision config: hidden_act={self.hidden_act!r} is not supported (silu, "
+            "quick_gelu or gelu_pytorch_tanh)",
         )
         _require(
             self.rope_theta > 0, f"vision config: rope_theta must be > 0, got {self.rope_theta}"
@@ -179,13 +252,29 @@ class VisionConfig:
 
     @property
     def window_units(self) -> int:
-        """Merged units per window side: window_size / patch_size / spatial_merge_size (4)."""
+        """Merged units per window side: window_size / patch_size / spatial_merge_size (4);
+        0 without windows."""
         return self.window_size // self.patch_size // self.spatial_merge_size
+
+    @property
+    def full_attention_blocks(self) -> tuple[int, ...]:
+        """The blocks that attend over whole images (all of them without windows)."""
+        return self.fullatt_block_indexes if self.window_size else tuple(range(self.depth))
+
+    @property
+    def gated_mlp(self) -> bool:
+        """SwiGLU (gate, up, down) rather than fc1 -> activation -> fc2."""
+        return self.hidden_act == "silu"
 
 
 @dataclasses.dataclass(frozen=True)
 class Qwen2_5_VLConfig:
-    """A whole Qwen2.5-VL model: text decoder, vision tower and special token ids."""
+    """A whole Qwen-VL model of any family: text decoder, vision tower, special token ids.
+
+    `model_type` is the family (`FAMILIES`); the switches that make the families differ
+    live in `text` and `vision`. (The class keeps its first family's name; `QwenVLConfig`
+    is the same class.)
+    """
 
     text: TextConfig
     vision: VisionConfig
@@ -195,12 +284,22 @@ class Qwen2_5_VLConfig:
     vision_end_token_id: int = 151653
     bos_token_id: int | None = 151643
     eos_token_id: int | tuple[int, ...] | None = 151645
+    model_type: str = "qwen2_5_vl"
 
     def __post_init__(self) -> None:
+        _require(
+            self.model_type in FAMILIES,
+            f"model_type={self.model_type!r}: vlm-gym builds {', '.join(FAMILIES)}",
+        )
         _require(
             self.vision.out_hidden_size == self.text.hidden_size,
             f"vision out_hidden_size={self.vision.out_hidden_size} must equal the text "
             f"hidden_size={self.text.hidden_size}: the merger feeds the decoder directly",
+        )
+        _require(
+            len(self.vision.deepstack_visual_indexes) <= self.text.num_hidden_layers,
+            f"{len(self.vision.deepstack_visual_indexes)} DeepStack features need as many "
+            f"decoder layers, the text has {self.text.num_hidden_layers}",
         )
         for name in ("image_token_id", "video_token_id", "vision_start_token_id"):
             value = getattr(self, name)
@@ -213,12 +312,15 @@ class Qwen2_5_VLConfig:
 
     @classmethod
     def from_hf_dict(cls, raw: Mapping[str, Any]) -> Qwen2_5_VLConfig:
-        """Build from the dict of an HF `config.json`, flat or nested layout."""
+        """Build from the dict of an HF `config.json`, flat or nested layout, any family."""
         _require(isinstance(raw, Mapping), "config.json must hold a JSON object")
-        model_type = raw.get("model_type")
+        model_type = raw.get("model_type") or "qwen2_5_vl"
         _require(
-            model_type in (None, "qwen2_5_vl"),
-            f"config.json has model_type={model_type!r}; vlm-gym builds 'qwen2_5_vl' models",
+            model_type not in _REFUSED, f"model_type={model_type!r}: {_REFUSED.get(model_type)}"
+        )
+        _require(
+            model_type in FAMILIES,
+            f"config.json has model_type={model_type!r}; vlm-gym builds {', '.join(FAMILIES)}",
         )
         text_raw: dict[str, Any] = dict(raw)
         nested = raw.get("text_config")
@@ -226,13 +328,13 @@ class Qwen2_5_VLConfig:
             # transformers 5 writes the text fields under text_config; top-level values (when
             # present, e.g. tie_word_embeddings) are only used where text_config lacks them.
             text_raw.update({k: v for k, v in nested.items() if v is not None})
-        text = _text_config_from_hf(text_raw)
+        text = _text_config_from_hf(text_raw, model_type)
         vision_raw = raw.get("vision_config")
         _require(
             isinstance(vision_raw, Mapping),
-            "config.json has no vision_config object; is this a Qwen2.5-VL checkpoint?",
+            f"config.json has no vision_config object; is this a {model_type} checkpoint?",
         )
-        vision = _vision_config_from_hf(vision_raw)
+        vision = _VISION_READERS[model_type](vision_raw)
         ids: dict[str, Any] = {}
         for name in (
             "image_token_id",
@@ -245,7 +347,7 @@ class Qwen2_5_VLConfig:
             value = raw.get(name, text_raw.get(name))
             if value is not None:
                 ids[name] = tuple(value) if isinstance(value, list) else value
-        return cls(text=text, vision=vision, **ids)
+        return cls(text=text, vision=vision, model_type=model_type, **ids)
 
     @classmethod
     def from_file(cls, path: str | Path) -> Qwen2_5_VLConfig:
@@ -267,11 +369,10 @@ class Qwen2_5_VLConfig:
     # ------------------------------------------------------------------ writing
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """The published flat layout, which every transformers version since 4.49 loads."""
-        t, v = self.text, self.vision
-        out: dict[str, Any] = {
-            "architectures": ["Qwen2_5_VLForConditionalGeneration"],
-            "model_type": "qwen2_5_vl",
+        """The layout of the family's published checkpoints (which transformers 5 loads):
+        flat for Qwen2-VL and Qwen2.5-VL, nested (`text_config`) for Qwen3-VL."""
+        t = self.text
+        text = {
             "vocab_size": t.vocab_size,
             "hidden_size": t.hidden_size,
             "intermediate_size": t.intermediate_size,
@@ -280,46 +381,63 @@ class Qwen2_5_VLConfig:
             "num_key_value_heads": t.num_key_value_heads,
             "rms_norm_eps": t.rms_norm_eps,
             "rope_theta": t.rope_theta,
-            "rope_scaling": {"type": "mrope", "mrope_section": list(t.mrope_section)},
             "tie_word_embeddings": t.tie_word_embeddings,
             "max_position_embeddings": t.max_position_embeddings,
             "hidden_act": t.hidden_act,
             "attention_dropout": 0.0,
-            "use_sliding_window": False,
+        }
+        ids: dict[str, Any] = {
             "image_token_id": self.image_token_id,
             "video_token_id": self.video_token_id,
             "vision_start_token_id": self.vision_start_token_id,
             "vision_end_token_id": self.vision_end_token_id,
-            "vision_config": {
-                "depth": v.depth,
-                "hidden_size": v.hidden_size,
-                "intermediate_size": v.intermediate_size,
-                "num_heads": v.num_heads,
-                "in_chans": v.in_channels,
-                "in_channels": v.in_channels,
-                "out_hidden_size": v.out_hidden_size,
-                "patch_size": v.patch_size,
-                "spatial_patch_size": v.patch_size,
-                "spatial_merge_size": v.spatial_merge_size,
-                "temporal_patch_size": v.temporal_patch_size,
-                "window_size": v.window_size,
-                "fullatt_block_indexes": list(v.fullatt_block_indexes),
-                "tokens_per_second": v.tokens_per_second,
-                "hidden_act": v.hidden_act,
-            },
         }
-        if v.rope_theta != VisionConfig.rope_theta:
-            # Written only when it differs from the default every transformers version assumes.
-            out["vision_config"]["rope_parameters"] = {
-                "rope_type": "axial",
-                "rope_theta": v.rope_theta,
-            }
         if self.bos_token_id is not None:
-            out["bos_token_id"] = self.bos_token_id
+            ids["bos_token_id"] = self.bos_token_id
         if self.eos_token_id is not None:
             eos = self.eos_token_id
-            out["eos_token_id"] = list(eos) if isinstance(eos, tuple) else eos
-        return out
+            ids["eos_token_id"] = list(eos) if isinstance(eos, tuple) else eos
+        architecture = {
+            "qwen2_vl": "Qwen2VLForConditionalGeneration",
+            "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+            "qwen3_vl": "Qwen3VLForConditionalGeneration",
+        }[self.model_type]
+        head = {"architectures": [architecture], "model_type": self.model_type}
+        vision = _VISION_WRITERS[self.model_type](self.vision)
+        if self.vision.rope_theta != VisionConfig.rope_theta:
+            # Written only when it differs from the default every transformers version assumes.
+            vision["rope_parameters"] = {"rope_type": "axial", "rope_theta": self.vision.rope_theta}
+        if self.model_type != "qwen3_vl":
+            mrope = {"type": "mrope", "mrope_section": list(t.mrope_section)}
+            return {
+                **head,
+                **text,
+                "rope_scaling": mrope,
+                "use_sliding_window": False,
+                **ids,
+                "vision_config": vision,
+            }
+        text.update(
+            model_type="qwen3_vl_text",
+            head_dim=t.head_dim,
+            attention_bias=t.attention_bias,
+            rope_scaling={
+                "rope_type": "default",
+                "mrope_section": list(t.mrope_section),
+                "mrope_interleaved": t.mrope_interleaved,
+            },
+            **ids,
+        )
+        return {
+            **head,
+            "text_config": text,
+            "vision_config": vision,
+            "tie_word_embeddings": t.tie_word_embeddings,
+            **ids,
+        }
+
+
+QwenVLConfig = Qwen2_5_VLConfig
 
 
 def _pick(raw: Mapping[str, Any], *names: str, default: Any = None) -> Any:
@@ -329,7 +447,11 @@ def _pick(raw: Mapping[str, Any], *names: str, default: Any = None) -> Any:
     return default
 
 
-def _text_config_from_hf(raw: Mapping[str, Any]) -> TextConfig:
+# Each family's mRoPE defaults where config.json leaves them out (transformers' own).
+_MROPE_DEFAULTS = {"qwen2_vl": (16, 24, 24), "qwen2_5_vl": (16, 24, 24), "qwen3_vl": (24, 20, 20)}
+
+
+def _text_config_from_hf(raw: Mapping[str, Any], family: str) -> TextConfig:
     missing = [
         k
         for k in (
@@ -347,23 +469,22 @@ def _text_config_from_hf(raw: Mapping[str, Any]) -> TextConfig:
     rope_type = rope.get("rope_type", rope.get("type", "mrope"))
     _require(
         rope_type in ("mrope", "default"),
-        f"rope type {rope_type!r} is not supported (Qwen2.5-VL uses mrope)",
+        f"rope type {rope_type!r} is not supported (Qwen-VL models use mrope)",
     )
-    section = rope.get("mrope_section")
-    _require(
-        section is not None,
-        "text config has no mrope_section (expected rope_scaling.mrope_section, e.g. [16, 24, 24])",
-    )
+    section = rope.get("mrope_section", _MROPE_DEFAULTS[family])
+    qwen3 = family == "qwen3_vl"
     theta = _pick(rope, "rope_theta", default=None)
     if theta is None:
-        theta = _pick(raw, "rope_theta", default=1_000_000.0)
+        theta = _pick(raw, "rope_theta", default=500_000.0 if qwen3 else 1_000_000.0)
     num_heads = raw["num_attention_heads"]
-    explicit_head_dim = raw.get("head_dim")
-    if explicit_head_dim is not None:
+    head_dim = raw.get("head_dim")
+    if qwen3:
+        head_dim = head_dim or 128  # transformers' Qwen3-VL default
+    elif head_dim is not None:
         _require(
-            explicit_head_dim * num_heads == raw["hidden_size"],
-            f"head_dim={explicit_head_dim} * num_attention_heads={num_heads} != hidden_size="
-            f"{raw['hidden_size']}; Qwen2.5-VL ties head_dim to hidden_size / heads",
+            head_dim * num_heads == raw["hidden_size"],
+            f"head_dim={head_dim} * num_attention_heads={num_heads} != hidden_size="
+            f"{raw['hidden_size']}; {family} ties head_dim to hidden_size / heads",
         )
     return TextConfig(
         vocab_size=raw["vocab_size"],
@@ -378,20 +499,27 @@ def _text_config_from_hf(raw: Mapping[str, Any]) -> TextConfig:
         tie_word_embeddings=bool(_pick(raw, "tie_word_embeddings", default=False)),
         max_position_embeddings=int(_pick(raw, "max_position_embeddings", default=128_000)),
         hidden_act=_pick(raw, "hidden_act", default="silu"),
+        head_dim=int(head_dim or 0),
+        attention_bias=bool(_pick(raw, "attention_bias", default=not qwen3)),
+        qk_norm=qwen3,
+        mrope_interleaved=bool(rope.get("mrope_interleaved", qwen3)),
     )
 
 
-def _vision_config_from_hf(raw: Mapping[str, Any]) -> VisionConfig:
-    defaults = VisionConfig()
-    hidden = _pick(raw, "hidden_size", "embed_dim", default=defaults.hidden_size)
+def _vision_rope_theta(raw: Mapping[str, Any]) -> float:
     rope = _pick(raw, "rope_parameters", "rope_scaling", default={}) or {}
     _require(isinstance(rope, Mapping), f"vision rope_parameters must be an object, got {rope!r}")
     theta = _pick(rope, "rope_theta", default=None)
     if theta is None:
-        theta = _pick(raw, "rope_theta", default=defaults.rope_theta)
+        theta = _pick(raw, "rope_theta", default=VisionConfig.rope_theta)
+    return float(theta)
+
+
+def _qwen2_5_vision(raw: Mapping[str, Any]) -> VisionConfig:
+    defaults = VisionConfig()
     return VisionConfig(
         depth=_pick(raw, "depth", default=defaults.depth),
-        hidden_size=hidden,
+        hidden_size=_pick(raw, "hidden_size", "embed_dim", default=defaults.hidden_size),
         intermediate_size=_pick(raw, "intermediate_size", default=defaults.intermediate_size),
         num_heads=_pick(raw, "num_heads", default=defaults.num_heads),
         in_channels=_pick(raw, "in_channels", "in_chans", default=defaults.in_channels),
@@ -407,5 +535,118 @@ def _vision_config_from_hf(raw: Mapping[str, Any]) -> VisionConfig:
             _pick(raw, "tokens_per_second", default=defaults.tokens_per_second)
         ),
         hidden_act=_pick(raw, "hidden_act", default=defaults.hidden_act),
-        rope_theta=float(theta),
+        rope_theta=_vision_rope_theta(raw),
     )
+
+
+def _qwen2_vision(raw: Mapping[str, Any]) -> VisionConfig:
+    """Qwen2-VL: the tower's width is `embed_dim`; `hidden_size` is the merger's output."""
+    width = int(_pick(raw, "embed_dim", default=1280))
+    return VisionConfig(
+        depth=_pick(raw, "depth", default=32),
+        hidden_size=width,
+        intermediate_size=int(width * _pick(raw, "mlp_ratio", default=4)),
+        num_heads=_pick(raw, "num_heads", default=16),
+        in_channels=_pick(raw, "in_channels", "in_chans", default=3),
+        out_hidden_size=_pick(raw, "hidden_size", default=3584),
+        patch_size=_pick(raw, "patch_size", "spatial_patch_size", default=14),
+        spatial_merge_size=_pick(raw, "spatial_merge_size", default=2),
+        temporal_patch_size=_pick(raw, "temporal_patch_size", default=2),
+        window_size=0,
+        fullatt_block_indexes=(),
+        hidden_act=_pick(raw, "hidden_act", default="quick_gelu"),
+        rope_theta=_vision_rope_theta(raw),
+        norm="layer",
+    )
+
+
+def _qwen3_vision(raw: Mapping[str, Any]) -> VisionConfig:
+    return VisionConfig(
+        depth=_pick(raw, "depth", default=27),
+        hidden_size=_pick(raw, "hidden_size", default=1152),
+        intermediate_size=_pick(raw, "intermediate_size", default=4304),
+        num_heads=_pick(raw, "num_heads", default=16),
+        in_channels=_pick(raw, "in_channels", "in_chans", default=3),
+        out_hidden_size=_pick(raw, "out_hidden_size", default=3584),
+        patch_size=_pick(raw, "patch_size", default=16),
+        spatial_merge_size=_pick(raw, "spatial_merge_size", default=2),
+        temporal_patch_size=_pick(raw, "temporal_patch_size", default=2),
+        window_size=0,
+        fullatt_block_indexes=(),
+        hidden_act=_pick(raw, "hidden_act", default="gelu_pytorch_tanh"),
+        rope_theta=_vision_rope_theta(raw),
+        norm="layer",
+        patch_bias=True,
+        num_position_embeddings=_pick(raw, "num_position_embeddings", default=2304),
+        deepstack_visual_indexes=tuple(_pick(raw, "deepstack_visual_indexes", default=(8, 16, 24))),
+    )
+
+
+_VISION_READERS = {
+    "qwen2_vl": _qwen2_vision,
+    "qwen2_5_vl": _qwen2_5_vision,
+    "qwen3_vl": _qwen3_vision,
+}
+
+
+def _vision_common(v: VisionConfig) -> dict[str, Any]:
+    return {
+        "depth": v.depth,
+        "num_heads": v.num_heads,
+        "in_chans": v.in_channels,
+        "in_channels": v.in_channels,
+        "patch_size": v.patch_size,
+        "spatial_merge_size": v.spatial_merge_size,
+        "temporal_patch_size": v.temporal_patch_size,
+        "hidden_act": v.hidden_act,
+    }
+
+
+def _write_qwen2_5_vision(v: VisionConfig) -> dict[str, Any]:
+    return {
+        **_vision_common(v),
+        "hidden_size": v.hidden_size,
+        "intermediate_size": v.intermediate_size,
+        "out_hidden_size": v.out_hidden_size,
+        "spatial_patch_size": v.patch_size,
+        "window_size": v.window_size,
+        "fullatt_block_indexes": list(v.fullatt_block_indexes),
+        # an int where it is one: transformers 5's strict config class wants an int
+        "tokens_per_second": int(v.tokens_per_second)
+        if float(v.tokens_per_second).is_integer()
+        else v.tokens_per_second,
+    }
+
+
+def _write_qwen2_vision(v: VisionConfig) -> dict[str, Any]:
+    _require(
+        v.intermediate_size % v.hidden_size == 0,
+        f"Qwen2-VL writes the vision MLP as embed_dim * mlp_ratio: {v.intermediate_size} is "
+        f"not a multiple of {v.hidden_size}",
+    )
+    return {
+        **_vision_common(v),
+        "embed_dim": v.hidden_size,
+        "hidden_size": v.out_hidden_size,
+        "mlp_ratio": v.intermediate_size // v.hidden_size,
+        "spatial_patch_size": v.patch_size,
+    }
+
+
+def _write_qwen3_vision(v: VisionConfig) -> dict[str, Any]:
+    return {
+        **_vision_common(v),
+        "model_type": "qwen3_vl_vision",
+        "hidden_size": v.hidden_size,
+        "intermediate_size": v.intermediate_size,
+        "out_hidden_size": v.out_hidden_size,
+        "num_position_embeddings": v.num_position_embeddings,
+        "deepstack_visual_indexes": list(v.deepstack_visual_indexes),
+    }
+
+
+_VISION_WRITERS = {
+    "qwen2_vl": _write_qwen2_vision,
+    "qwen2_5_vl": _write_qwen2_5_vision,
+    "qwen3_vl": _write_qwen3_vision,
+}

@@ -58,16 +58,18 @@ class DecodeLayer:
 
     input_norm: jax.Array  # [D]
     q_proj: jax.Array  # [N*H, D]
-    q_bias: jax.Array  # [N*H]
+    q_bias: jax.Array | None  # [N*H]
     k_proj: jax.Array  # [K*H, D]
-    k_bias: jax.Array  # [K*H]
+    k_bias: jax.Array | None  # [K*H]
     v_proj: jax.Array  # [K*H, D]
-    v_bias: jax.Array  # [K*H]
+    v_bias: jax.Array | None  # [K*H]
     o_proj: jax.Array  # [D, N*H]
     post_norm: jax.Array  # [D]
     gate_proj: jax.Array  # [F, D]
     up_proj: jax.Array  # [F, D]
     down_proj: jax.Array  # [D, F]
+    q_norm: jax.Array | None = None  # [H]
+    k_norm: jax.Array | None = None  # [H]
 
 
 def layers_for_decoding(layers: DecoderLayers) -> tuple[DecodeLayer, ...]:
@@ -76,15 +78,20 @@ def layers_for_decoding(layers: DecoderLayers) -> tuple[DecodeLayer, ...]:
     def heads_out(w: jax.Array) -> jax.Array:  # [D, N, H] -> [N*H, D]
         return w.reshape(w.shape[0], -1).T
 
+    def flat(b: jax.Array | None, i: int) -> jax.Array | None:
+        return None if b is None else b[i].reshape(-1)
+
     def one(i: int) -> DecodeLayer:
         return DecodeLayer(
             input_norm=layers.input_norm[i],
             q_proj=heads_out(layers.q_proj[i]),
-            q_bias=layers.q_bias[i].reshape(-1),
+            q_bias=flat(layers.q_bias, i),
             k_proj=heads_out(layers.k_proj[i]),
-            k_bias=layers.k_bias[i].reshape(-1),
+            k_bias=flat(layers.k_bias, i),
             v_proj=heads_out(layers.v_proj[i]),
-            v_bias=layers.v_bias[i].reshape(-1),
+            v_bias=flat(layers.v_bias, i),
+            q_norm=None if layers.q_norm is None else layers.q_norm[i],
+            k_norm=None if layers.k_norm is None else layers.k_norm[i],
             o_proj=layers.o_proj[i].reshape(-1, layers.o_proj.shape[-1]).T,
             post_norm=layers.post_norm[i],
             gate_proj=layers.gate_proj[i].T,
@@ -106,8 +113,9 @@ def prefill(
     num_samples: int = 1,
     impl: str = "xla",
     cache_dtype: jnp.dtype | None = None,
+    deepstack: text.Deepstack | None = None,
 ) -> tuple[jax.Array, KVCache]:
-    """Run the prompts through the decoder once.
+    """Run the prompts through the decoder once (`deepstack`: from `embed`).
 
     Args:
       x: [P, T, D] input embeddings (image features already in place), left-padded.
@@ -123,7 +131,15 @@ def prefill(
     P = x.shape[0]
     cos, sin = mrope_cos_sin(positions, config.text)  # [P, T, H]
     hidden, kv = text.decode_layers(
-        weights, x, cos, sin, segment_ids, config.text, impl=impl, return_kv=True
+        weights,
+        x,
+        cos,
+        sin,
+        segment_ids,
+        config.text,
+        impl=impl,
+        return_kv=True,
+        deepstack=deepstack,
     )
     assert kv is not None
     k, v = kv  # [L, P, T, K, H]
@@ -200,11 +216,13 @@ def decode_step(
     per_layer = zip(layers, cache.prompt_k, cache.prompt_v, cache.k, cache.v, strict=True)
     for layer, prompt_k, prompt_v, k_cache, v_cache in per_layer:
         h = text.rms_norm(x, layer.input_norm, cfg.rms_norm_eps)  # [B, D]
-        q = einsum("BD,ED->BE", h, layer.q_proj) + layer.q_bias  # [B, N*H]
-        k = einsum("BD,ED->BE", h, layer.k_proj) + layer.k_bias  # [B, K*H]
-        v = einsum("BD,ED->BE", h, layer.v_proj) + layer.v_bias  # [B, K*H]
-        q = apply_rope(q.reshape(B, 1, N, H), cos, sin)[:, 0]  # [B, N, H]
-        k = apply_rope(k.reshape(B, 1, K, H), cos, sin).reshape(B, K, 1, H)
+        q = text.add_bias(einsum("BD,ED->BE", h, layer.q_proj), layer.q_bias)  # [B, N*H]
+        k = text.add_bias(einsum("BD,ED->BE", h, layer.k_proj), layer.k_bias)  # [B, K*H]
+        v = text.add_bias(einsum("BD,ED->BE", h, layer.v_proj), layer.v_bias)  # [B, K*H]
+        q = text.head_norm(q.reshape(B, 1, N, H), layer.q_norm, cfg.rms_norm_eps)
+        k = text.head_norm(k.reshape(B, 1, K, H), layer.k_norm, cfg.rms_norm_eps)
+        q = apply_rope(q, cos, sin)[:, 0]  # [B, N, H]
+        k = apply_rope(k, cos, sin).reshape(B, K, 1, H)
         k_cache = _write_slot(k_cache, k, write_index)
         v_cache = _write_slot(v_cache, v.reshape(B, K, 1, H), write_index)
         attn = vlmgym_kernels.prefix_decode_attention(

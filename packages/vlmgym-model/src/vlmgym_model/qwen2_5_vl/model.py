@@ -1,4 +1,4 @@
-"""Qwen2.5-VL: the whole model's weights and its forward pass.
+"""A Qwen-VL model (any family in `config.FAMILIES`): its weights and its forward pass.
 
 `forward` takes inputs exactly as the processor returns them (numpy or jax arrays):
 token ids, attention mask (1 = token, 0 = padding, left or right), and optionally
@@ -90,6 +90,8 @@ class ImageInputs:
     feature_index: jax.Array  # int32[K]: which merged feature goes there
     max_window_len: int = dataclasses.field(metadata={"static": True})
     max_image_len: int = dataclasses.field(metadata={"static": True})
+    pos_index: jax.Array | None = None  # int32[P, 4]: learned position taps (Qwen3-VL)
+    pos_weight: jax.Array | None = None  # float32[P, 4]
 
 
 @jax.tree_util.register_dataclass
@@ -142,6 +144,8 @@ def image_inputs(
         feature_index=np.asarray(feature_index, np.int32),
         max_window_len=layout.max_window_len,
         max_image_len=layout.max_image_len,
+        pos_index=layout.pos_index,
+        pos_weight=layout.pos_weight,
     )
 
 
@@ -202,23 +206,25 @@ def embed(
     impl: str = "xla",
     remat: bool = False,
     train_vision: bool = True,
-) -> jax.Array:
+) -> tuple[jax.Array, text.Deepstack | None]:
     """The decoder's input: token embeddings with the images' features over their
-    placeholders. Sampling's prefill, `forward` and training's log-prob pass all start here.
+    placeholders, and (Qwen3-VL) the DeepStack features for the first decoder layers.
+    Sampling's prefill, `forward` and training's log-prob pass all start here.
 
     Tokens are never re-read as image placeholders (`ImageInputs` says where features
     go), so a completion that happens to contain the placeholder id is safe to score.
     `train_vision=False` stops gradients at the vision tower's weights.
 
     Returns:
-      [B, T, D] in the embedding's dtype.
+      [B, T, D] in the embedding's dtype, and the `Deepstack` for `text.decode_layers`
+      (None without images or without DeepStack).
     """
     x = text.embed_tokens(params.text, inputs.ids)  # [B, T, D]
     img = inputs.images
     if img is None:
-        return x
+        return x, None
     vision_params = params.vision if train_vision else jax.lax.stop_gradient(params.vision)
-    _, merged = vision.vision_tower(
+    _, merged, deepstack = vision.vision_tower(
         vision_params,
         img.pixel_values,
         img.patch_order,
@@ -226,6 +232,8 @@ def embed(
         img.patch_positions,
         img.window_segments,
         img.image_segments,
+        img.pos_index,
+        img.pos_weight,
         cfg=config.vision,
         impl=impl,
         max_window_len=img.max_window_len,
@@ -233,7 +241,10 @@ def embed(
         remat=remat,
     )  # [M, D]
     features = merged[img.feature_index]  # [K, D]
-    return x.at[img.rows, img.cols].set(features.astype(x.dtype))
+    x = x.at[img.rows, img.cols].set(features.astype(x.dtype))
+    if deepstack is None:
+        return x, None
+    return x, text.Deepstack(img.rows, img.cols, deepstack[:, img.feature_index])
 
 
 @functools.partial(jax.jit, static_argnames=("config", "impl"))
@@ -245,10 +256,10 @@ def forward_tokens(
     impl: str = "xla",
 ) -> jax.Array:
     """The jitted core of `forward`: float32[B, T, V] logits of `ModelInputs`."""
-    x = embed(params, config, inputs, impl=impl)  # [B, T, D]
+    x, deepstack = embed(params, config, inputs, impl=impl)  # [B, T, D]
     cos, sin = mrope_cos_sin(inputs.positions, config.text)  # [B, T, H]
     hidden, _ = text.decode_layers(
-        params.text, x, cos, sin, inputs.segment_ids, config.text, impl=impl
+        params.text, x, cos, sin, inputs.segment_ids, config.text, impl=impl, deepstack=deepstack
     )
     return text.logits_from_hidden(params.text, hidden)  # [B, T, V]
 

@@ -1,10 +1,11 @@
-"""Rotary position embeddings for the Qwen2.5-VL text decoder (mRoPE) and its position ids.
+"""Rotary position embeddings for the text decoder (mRoPE) and its position ids.
 
 mRoPE gives every token three position ids (t, h, w). Text tokens carry the same id on all
 three; image tokens carry (start, start + row, start + column) over the merged grid. The
 head_dim // 2 rotary frequencies are split into `mrope_section` = (t, h, w) consecutive
-chunks, each chunk rotated by its own position id; the halves are then duplicated, as in
-HF's rotate-half convention.
+chunks (Qwen2-VL, Qwen2.5-VL) or interleaved t, h, w, t, h, w, ... (Qwen3-VL; see
+`TextConfig.frequency_axes`), each frequency rotated by its axis' position id; the halves
+are then duplicated, as in HF's rotate-half convention.
 
 `get_rope_index` runs on the host (numpy): it reads token ids, which the processor produced.
 """
@@ -34,8 +35,9 @@ def mrope_cos_sin(positions: jax.Array, config: TextConfig) -> tuple[jax.Array, 
       float32[B, T, H] cos and sin, the frequency halves duplicated (rotate-half layout).
     """
     inv_freq = jnp.asarray(inverse_frequencies(config.head_dim, config.rope_theta))
-    # Which of the three position ids drives each frequency: section t, then h, then w.
-    axis_of_freq = np.repeat(np.arange(3), config.mrope_section)  # [H // 2]
+    # Which of the three position ids drives each frequency: section t, then h, then w
+    # (chunked), or interleaved h/w for Qwen3-VL.
+    axis_of_freq = np.asarray(config.frequency_axes())  # [H // 2]
     pos = positions.astype(jnp.float32)[axis_of_freq]  # [H // 2, B, T]
     freqs = jnp.moveaxis(pos, 0, -1) * inv_freq  # [B, T, H // 2]
     freqs = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, H]

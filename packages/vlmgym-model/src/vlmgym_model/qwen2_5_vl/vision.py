@@ -1,10 +1,17 @@
-"""The Qwen2.5-VL vision tower: weights, host-side layout and the jitted forward pass.
+"""The vision tower of every Qwen-VL family: weights, host-side layout, jitted forward.
 
-The tower is a ViT over 14x14 patches of two identical frames (a Conv3d with kernel =
-stride = (2, 14, 14), i.e. a matmul over 1176 inputs), with 2D rotary embeddings, window
-attention (full attention in the blocks of `fullatt_block_indexes`), RMSNorm, a SwiGLU MLP
-with biases, and a merger (RMSNorm, 2x2 neighbours concatenated, Linear, GELU, Linear) into
-the text width.
+The tower is a ViT over p x p patches of two identical frames (a Conv3d with kernel =
+stride = (2, p, p), i.e. a matmul over 2 * 3 * p * p inputs), with 2D rotary embeddings
+and a merger (norm, 2x2 neighbours concatenated, Linear, GELU, Linear) into the text width.
+The families differ in switches of `VisionConfig`:
+- Qwen2.5-VL: p = 14, RMSNorm, a SwiGLU MLP with biases, window attention (full attention
+  in the blocks of `fullatt_block_indexes`).
+- Qwen2-VL: p = 14, LayerNorm, fc1 -> QuickGELU -> fc2, full attention within each image.
+- Qwen3-VL: p = 16, LayerNorm, fc1 -> GELU(tanh) -> fc2, full attention, a Conv3d bias, a
+  learned square table of position embeddings resampled bilinearly (align_corners) to each
+  image's grid and added to the patch embeddings, and DeepStack: the outputs of the blocks
+  in `deepstack_visual_indexes` go through mergers of their own (LayerNorm after the 2x2
+  concatenation) and feed the first decoder layers.
 
 What is notable here:
 - Everything that depends on the image sizes is computed on the host, in numpy, from
@@ -22,12 +29,15 @@ What is notable here:
   merger works on consecutive groups of four patches, and its output is put back in HF's
   merge-unit order at the end.
 - Norms, rotary and softmax run in float32; the merger's GELU is exact (erf).
+- Without windows (Qwen2-VL, Qwen3-VL) the window order is HF's order and every block
+  attends within each image frame.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -45,7 +55,11 @@ from vlmgym_model.weights import ParamSpec
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class VisionBlocks:
-    """All vision blocks, stacked on a leading L axis (E: vision width, Fv: its MLP width)."""
+    """All vision blocks, stacked on a leading L axis (E: vision width, F: its MLP width).
+
+    The MLP is SwiGLU (gate, up, down) or, without `gate_proj`, fc1 (`up`) -> act -> fc2
+    (`down`). Norm biases exist for LayerNorm towers only.
+    """
 
     norm1: jax.Array  # [L, E]
     qkv_proj: jax.Array  # [L, E, 3, N, H]
@@ -53,12 +67,28 @@ class VisionBlocks:
     o_proj: jax.Array  # [L, N, H, E]
     o_bias: jax.Array  # [L, E]
     norm2: jax.Array  # [L, E]
-    gate_proj: jax.Array  # [L, E, F]
-    gate_bias: jax.Array  # [L, F]
     up_proj: jax.Array  # [L, E, F]
     up_bias: jax.Array  # [L, F]
     down_proj: jax.Array  # [L, F, E]
     down_bias: jax.Array  # [L, E]
+    gate_proj: jax.Array | None = None  # [L, E, F] (SwiGLU)
+    gate_bias: jax.Array | None = None  # [L, F]
+    norm1_bias: jax.Array | None = None  # [L, E] (LayerNorm)
+    norm2_bias: jax.Array | None = None  # [L, E]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DeepstackMergers:
+    """Qwen3-VL's DeepStack mergers, stacked on a leading k axis (LayerNorm after the 2x2
+    concatenation, over 4E)."""
+
+    norm: jax.Array  # [k, 4E]
+    norm_bias: jax.Array  # [k, 4E]
+    fc1: jax.Array  # [k, 4E, 4E]
+    fc1_bias: jax.Array  # [k, 4E]
+    fc2: jax.Array  # [k, 4E, D]
+    fc2_bias: jax.Array  # [k, D]
 
 
 @jax.tree_util.register_dataclass
@@ -71,6 +101,10 @@ class VisionWeights:
     merger_fc1_bias: jax.Array  # [4E]
     merger_fc2: jax.Array  # [4E, D]
     merger_fc2_bias: jax.Array  # [D]
+    patch_bias: jax.Array | None = None  # [E] (Qwen3-VL)
+    pos_embed: jax.Array | None = None  # [side * side, E] (Qwen3-VL)
+    merger_norm_bias: jax.Array | None = None  # [E] (LayerNorm)
+    deepstack: DeepstackMergers | None = None
 
 
 def vision_param_specs(cfg: VisionConfig) -> VisionWeights:
@@ -78,8 +112,17 @@ def vision_param_specs(cfg: VisionConfig) -> VisionWeights:
     L, E, F = cfg.depth, cfg.hidden_size, cfg.intermediate_size
     N, H = cfg.num_heads, cfg.head_dim
     M = E * cfg.merge_unit
+    layer_norm = cfg.norm == "layer"
+
+    def norm_bias(*shape: int) -> ParamSpec | None:
+        axes = ("layers", "norm") if len(shape) == 2 else ("norm",)
+        return ParamSpec(shape, axes, "zeros") if layer_norm else None
+
+    gated = cfg.gated_mlp
     blocks = VisionBlocks(
         norm1=ParamSpec((L, E), ("layers", "norm"), "ones"),
+        norm1_bias=norm_bias(L, E),
+        norm2_bias=norm_bias(L, E),
         qkv_proj=ParamSpec(
             (L, E, 3, N, H), ("layers", "vision_embed", "vision_qkv", "vision_heads", "head_dim")
         ),
@@ -89,21 +132,39 @@ def vision_param_specs(cfg: VisionConfig) -> VisionWeights:
         o_proj=ParamSpec((L, N, H, E), ("layers", "vision_heads", "head_dim", "vision_embed")),
         o_bias=ParamSpec((L, E), ("layers", "norm"), "zeros"),
         norm2=ParamSpec((L, E), ("layers", "norm"), "ones"),
-        gate_proj=ParamSpec((L, E, F), ("layers", "vision_embed", "vision_mlp")),
-        gate_bias=ParamSpec((L, F), ("layers", "vision_mlp"), "zeros"),
+        gate_proj=ParamSpec((L, E, F), ("layers", "vision_embed", "vision_mlp")) if gated else None,
+        gate_bias=ParamSpec((L, F), ("layers", "vision_mlp"), "zeros") if gated else None,
         up_proj=ParamSpec((L, E, F), ("layers", "vision_embed", "vision_mlp")),
         up_bias=ParamSpec((L, F), ("layers", "vision_mlp"), "zeros"),
         down_proj=ParamSpec((L, F, E), ("layers", "vision_mlp", "vision_embed")),
         down_bias=ParamSpec((L, E), ("layers", "norm"), "zeros"),
     )
+    k, D = len(cfg.deepstack_visual_indexes), cfg.out_hidden_size
+    deepstack = None
+    if k:
+        deepstack = DeepstackMergers(
+            norm=ParamSpec((k, M), ("layers", "norm"), "ones"),
+            norm_bias=ParamSpec((k, M), ("layers", "norm"), "zeros"),
+            fc1=ParamSpec((k, M, M), ("layers", "merger_in", "merger_hidden")),
+            fc1_bias=ParamSpec((k, M), ("layers", "merger_hidden"), "zeros"),
+            fc2=ParamSpec((k, M, D), ("layers", "merger_hidden", "embed")),
+            fc2_bias=ParamSpec((k, D), ("layers", "norm"), "zeros"),
+        )
+    positions = cfg.num_position_embeddings
     return VisionWeights(
         patch_embed=ParamSpec((cfg.patch_dim, E), ("vision_patch", "vision_embed")),
+        patch_bias=ParamSpec((E,), ("norm",), "zeros") if cfg.patch_bias else None,
+        pos_embed=ParamSpec((positions, E), ("vision_positions", "vision_embed"))
+        if positions
+        else None,
         blocks=blocks,
         merger_norm=ParamSpec((E,), ("norm",), "ones"),
+        merger_norm_bias=norm_bias(E),
         merger_fc1=ParamSpec((M, M), ("merger_in", "merger_hidden")),
         merger_fc1_bias=ParamSpec((M,), ("merger_hidden",), "zeros"),
-        merger_fc2=ParamSpec((M, cfg.out_hidden_size), ("merger_hidden", "embed")),
-        merger_fc2_bias=ParamSpec((cfg.out_hidden_size,), ("norm",), "zeros"),
+        merger_fc2=ParamSpec((M, D), ("merger_hidden", "embed")),
+        merger_fc2_bias=ParamSpec((D,), ("norm",), "zeros"),
+        deepstack=deepstack,
     )
 
 
@@ -125,6 +186,8 @@ class VisionLayout:
     image_segments: np.ndarray  # int32[P]: one id per image frame (from 1), window order
     max_window_len: int  # static bound on a window's patches (window_units**2 * merge_unit)
     max_image_len: int  # static bound on a frame's patches (bucketed, <= P)
+    pos_index: np.ndarray | None = None  # int32[P, 4]: position-table taps, HF patch order
+    pos_weight: np.ndarray | None = None  # float32[P, 4]: their bilinear weights
 
     @property
     def num_patches(self) -> int:
@@ -165,6 +228,8 @@ def unit_window_order(grid_thw: tuple[int, int, int], cfg: VisionConfig) -> np.n
     gh, gw = h // m, w // m
     tt, rr, cc = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")
     tt, rr, cc = tt.ravel(), rr.ravel(), cc.ravel()  # HF unit order
+    if not n:  # no windows: HF's order, one "window" per frame
+        return np.stack([np.arange(len(tt)), tt])
     nwh, nww = -(-gh // n), -(-gw // n)  # windows per column and per row
     window = (tt * nwh + rr // n) * nww + cc // n  # [U]
     order = np.lexsort((cc, rr, window))  # window-major, then row-major inside the window
@@ -182,6 +247,31 @@ def _patch_rows_cols(grid_thw: tuple[int, int, int], merge: int) -> np.ndarray:
 
     rc = np.stack([by_units(rows), by_units(cols)], axis=-1)  # [h * w, 2]
     return np.tile(rc, (t, 1))  # [t * h * w, 2]
+
+
+def position_taps(
+    grid_thw: tuple[int, int, int], side: int, merge: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Qwen3-VL's learned position table resampled to one image: bilinear with
+    align_corners=True from the side x side table to the h x w grid, as (int32[t*h*w, 4]
+    table rows, float32[t*h*w, 4] weights) per patch in HF's patch order (merge units,
+    frames repeated). The same arithmetic as transformers' float32 torch code.
+    """
+    t, h, w = grid_thw
+    rc = _patch_rows_cols((1, h, w), merge)  # [h * w, 2]
+
+    def axis(index: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+        src = index.astype(np.float32) * np.float32(side - 1) / np.float32(max(size - 1, 1))
+        floor = np.floor(src)
+        taps = np.clip(floor.astype(np.int64)[:, None] + np.arange(2), 0, side - 1)
+        distance = np.abs(src[:, None] - floor[:, None] - np.arange(2, dtype=np.float32))
+        return taps, np.maximum(np.float32(1) - distance, np.float32(0))
+
+    h_taps, h_w = axis(rc[:, 0], h)
+    w_taps, w_w = axis(rc[:, 1], w)
+    index = (h_taps[:, :, None] * side + w_taps[:, None, :]).reshape(-1, 4)
+    weight = (h_w[:, :, None] * w_w[:, None, :]).reshape(-1, 4).astype(np.float32)
+    return np.tile(index, (t, 1)), np.tile(weight, (t, 1))
 
 
 def _bucket(n: int, limit: int) -> int:
@@ -213,19 +303,28 @@ def _layout_cached(grids: tuple[tuple[int, int, int], ...], cfg: VisionConfig) -
     P = len(patch_order)
     largest = max(h * w for _, h, w in grids)
 
-    def frozen(a: np.ndarray) -> np.ndarray:
-        a = a.astype(np.int32)
+    def frozen(a: np.ndarray, dtype: Any = np.int32) -> np.ndarray:
+        a = a.astype(dtype)
         a.setflags(write=False)  # the layout is cached and shared between callers
         return a
 
+    max_image_len = _bucket(largest, P)
+    pos_index = pos_weight = None
+    if cfg.num_position_embeddings:
+        side = math.isqrt(cfg.num_position_embeddings)
+        taps = [position_taps(g, side, cfg.spatial_merge_size) for g in grids]
+        pos_index = frozen(np.concatenate([i for i, _ in taps]))
+        pos_weight = frozen(np.concatenate([w for _, w in taps]), np.float32)
     return VisionLayout(
         patch_order=frozen(patch_order),
         unit_inverse=frozen(np.argsort(units)),
         positions=frozen(rc),
         window_segments=frozen(window_seg),
         image_segments=frozen(image_seg),
-        max_window_len=min(cfg.window_units**2 * mu, P),
-        max_image_len=_bucket(largest, P),
+        max_window_len=min(cfg.window_units**2 * mu, P) if cfg.window_size else max_image_len,
+        max_image_len=max_image_len,
+        pos_index=pos_index,
+        pos_weight=pos_weight,
     )
 
 
@@ -279,15 +378,47 @@ def _attention_qkv(
     return q, k, v
 
 
-def _mlp(layer: VisionBlocks, h: jax.Array) -> jax.Array:
-    """SwiGLU with biases: down(silu(gate(h)) * up(h)). h [P, D] -> [P, D]."""
-    gate = einsum("PD,DF->PF", h, layer.gate_proj) + layer.gate_bias  # [P, F]
+def norm(x: jax.Array, weight: jax.Array, bias: jax.Array | None, eps: float) -> jax.Array:
+    """RMSNorm without a bias, LayerNorm with one; float32 inside, x's dtype out."""
+    if bias is None:
+        return rms_norm(x, weight, eps)
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    x = (x - mean) * jax.lax.rsqrt(var + eps)
+    return (x * weight.astype(jnp.float32) + bias.astype(jnp.float32)).astype(dtype)
+
+
+def _activation(name: str, x: jax.Array) -> jax.Array:
+    if name == "quick_gelu":
+        return x * jax.nn.sigmoid(1.702 * x)
+    return jax.nn.gelu(x, approximate=True)  # gelu_pytorch_tanh
+
+
+def _mlp(layer: VisionBlocks, h: jax.Array, act: str) -> jax.Array:
+    """SwiGLU with biases, down(silu(gate(h)) * up(h)), or fc2(act(fc1(h))): [P, E] -> [P, E]."""
     up = einsum("PD,DF->PF", h, layer.up_proj) + layer.up_bias  # [P, F]
-    return einsum("PF,FD->PD", jax.nn.silu(gate) * up, layer.down_proj) + layer.down_bias
+    if layer.gate_proj is None:
+        hidden = _activation(act, up)
+    else:
+        gate = einsum("PD,DF->PF", h, layer.gate_proj) + layer.gate_bias  # [P, F]
+        hidden = jax.nn.silu(gate) * up
+    return einsum("PF,FD->PD", hidden, layer.down_proj) + layer.down_bias
+
+
+def _merge(
+    h: jax.Array, fc1: jax.Array, fc1_bias: jax.Array, fc2: jax.Array, fc2_bias: jax.Array
+) -> jax.Array:
+    """Linear, exact GELU, Linear on [M, 4E] -> float32[M, D]."""
+    h = einsum("MC,CF->MF", h, fc1) + fc1_bias  # [M, 4E]
+    h = jax.nn.gelu(h, approximate=False)
+    out = jnp.einsum("MF,FD->MD", h, fc2, preferred_element_type=jnp.float32)  # [M, D_text]
+    return out + fc2_bias.astype(jnp.float32)
 
 
 def merge_patches(weights: VisionWeights, x: jax.Array, cfg: VisionConfig) -> jax.Array:
-    """The merger: RMSNorm, each 2x2 unit's four patches concatenated, Linear, GELU, Linear.
+    """The merger: norm, each 2x2 unit's four patches concatenated, Linear, GELU, Linear.
 
     Args:
       x: [P, D] tower output; consecutive groups of `merge_unit` patches form a unit.
@@ -295,14 +426,34 @@ def merge_patches(weights: VisionWeights, x: jax.Array, cfg: VisionConfig) -> ja
     Returns:
       float32[M, out_hidden_size], M = P // merge_unit, in x's unit order.
     """
-    h = rms_norm(x, weights.merger_norm, cfg.rms_norm_eps)
+    h = norm(x, weights.merger_norm, weights.merger_norm_bias, cfg.rms_norm_eps)
     h = h.reshape(x.shape[0] // cfg.merge_unit, -1)  # [M, C]: C = 4D, a unit's patches
-    h = einsum("MC,CF->MF", h, weights.merger_fc1) + weights.merger_fc1_bias  # [M, 4D]
-    h = jax.nn.gelu(h, approximate=False)
-    out = jnp.einsum(
-        "MF,FD->MD", h, weights.merger_fc2, preferred_element_type=jnp.float32
-    )  # [M, D_text]
-    return out + weights.merger_fc2_bias.astype(jnp.float32)
+    w = weights
+    return _merge(h, w.merger_fc1, w.merger_fc1_bias, w.merger_fc2, w.merger_fc2_bias)
+
+
+def merge_deepstack(
+    mergers: DeepstackMergers, j: int, x: jax.Array, cfg: VisionConfig
+) -> jax.Array:
+    """DeepStack merger j: the 2x2 concatenation first, then LayerNorm over 4E, Linear,
+    GELU, Linear. x [P, E] -> float32[M, out_hidden_size], x's unit order."""
+    h = x.reshape(x.shape[0] // cfg.merge_unit, -1)  # [M, 4E]
+    m = jax.tree.map(lambda a: a[j], mergers)
+    h = norm(h, m.norm, m.norm_bias, cfg.rms_norm_eps)
+    return _merge(h, m.fc1, m.fc1_bias, m.fc2, m.fc2_bias)
+
+
+def _segments(cfg: VisionConfig) -> list[tuple[int, int, int | None]]:
+    """The blocks as consecutive runs [start, stop), each ending at a DeepStack layer (with
+    its merger's index) or at the last block (None)."""
+    taps = sorted(cfg.deepstack_visual_indexes)
+    runs, start = [], 0
+    for layer in taps:
+        runs.append((start, layer + 1, cfg.deepstack_visual_indexes.index(layer)))
+        start = layer + 1
+    if start < cfg.depth:
+        runs.append((start, cfg.depth, None))
+    return runs
 
 
 @functools.partial(
@@ -316,19 +467,21 @@ def vision_tower(
     positions: jax.Array,
     window_segments: jax.Array,
     image_segments: jax.Array,
+    pos_index: jax.Array | None = None,
+    pos_weight: jax.Array | None = None,
     *,
     cfg: VisionConfig,
     impl: str,
     max_window_len: int,
     max_image_len: int,
     remat: bool = False,
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """The whole tower on a batch of images, laid out by `vision_layout`.
 
     Args:
       pixel_values: float[P, C * T * p * p] patches in HF's order.
-      patch_order, unit_inverse, positions, window_segments, image_segments: the
-        `VisionLayout` fields (int32).
+      patch_order, unit_inverse, positions, window_segments, image_segments, pos_index,
+        pos_weight: the `VisionLayout` fields (the last two for a learned position table).
       max_window_len, max_image_len: static segment-length bounds for the attention.
       remat: recompute each block's activations in the backward pass.
 
@@ -336,14 +489,21 @@ def vision_tower(
       hidden: [P, D] the last block's output (before the merger), in window order (HF's
         `last_hidden_state`);
       features: float32[M, out_hidden_size] merged features in HF's unit order, images in
-        order (HF's `pooler_output`).
+        order (HF's `pooler_output`);
+      deepstack: float32[k, M, out_hidden_size] the DeepStack mergers' features in HF's
+        unit order, in decoder-layer order, or None.
     """
     dtype = weights.patch_embed.dtype
     x = einsum("PC,CD->PD", pixel_values.astype(dtype), weights.patch_embed)  # [P, D]
+    if weights.patch_bias is not None:
+        x = x + weights.patch_bias
+    if weights.pos_embed is not None:
+        assert pos_index is not None and pos_weight is not None
+        table = weights.pos_embed[pos_index]  # [P, 4, D]
+        x = x + jnp.sum(table * pos_weight[:, :, None], axis=1).astype(x.dtype)
     x = x[patch_order]  # [P, D] window order
     cos, sin = rotary_cos_sin(positions, cfg)  # [P, H]
-    L = cfg.depth
-    is_full = jnp.asarray(np.isin(np.arange(L), cfg.fullatt_block_indexes))  # [L]
+    is_full = jnp.asarray(np.isin(np.arange(cfg.depth), cfg.full_attention_blocks))  # [L]
 
     def attend(segments: jax.Array, bound: int) -> Any:
         def run(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -355,23 +515,35 @@ def vision_tower(
 
     window_attention = attend(window_segments, max_window_len)
     full_attention = attend(image_segments, max_image_len)
+    eps = cfg.rms_norm_eps
 
     def block(x: jax.Array, scanned: tuple[VisionBlocks, jax.Array]) -> tuple[jax.Array, None]:
         layer, full = scanned
-        h = rms_norm(x, layer.norm1, cfg.rms_norm_eps)
+        h = norm(x, layer.norm1, layer.norm1_bias, eps)
         q, k, v = _attention_qkv(layer, h, cos, sin)
-        attn = jax.lax.cond(full, full_attention, window_attention, q, k, v)  # [P, N, H]
+        if cfg.window_size:
+            attn = jax.lax.cond(full, full_attention, window_attention, q, k, v)
+        else:
+            attn = full_attention(q, k, v)  # [P, N, H]
         P, N, H = attn.shape
         o_proj = layer.o_proj.reshape(N * H, -1)  # [N*H, E]: one plain matmul (see text.py)
         x = x + einsum("PE,ED->PD", attn.reshape(P, N * H), o_proj) + layer.o_bias
-        x = x + _mlp(layer, rms_norm(x, layer.norm2, cfg.rms_norm_eps))
+        x = x + _mlp(layer, norm(x, layer.norm2, layer.norm2_bias, eps), cfg.hidden_act)
         return x, None
 
     if remat:
         block = jax.checkpoint(block, prevent_cse=False)
-    x, _ = jax.lax.scan(block, x, (weights.blocks, is_full))
+    deepstack: list[tuple[int, jax.Array]] = []
+    for start, stop, merger in _segments(cfg):
+        run = jax.tree.map(lambda a, start=start, stop=stop: a[start:stop], weights.blocks)
+        x, _ = jax.lax.scan(block, x, (run, is_full[start:stop]))
+        if merger is not None:
+            assert weights.deepstack is not None
+            features = merge_deepstack(weights.deepstack, merger, x, cfg)[unit_inverse]
+            deepstack.append((merger, features))
     features = merge_patches(weights, x, cfg)[unit_inverse]  # [M, D_text]
-    return x, features
+    stacked = jnp.stack([f for _, f in deepstack]) if deepstack else None  # [k, M, D]
+    return x, features, stacked
 
 
 def run_vision_tower(
@@ -381,8 +553,9 @@ def run_vision_tower(
     image_grid_thw: Any,
     *,
     impl: str = "xla",
-) -> tuple[jax.Array, jax.Array]:
-    """`vision_tower` on raw processor outputs: (hidden [P, D], features float32[M, D_text])."""
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """`vision_tower` on raw processor outputs: (hidden [P, D], features float32[M, D_text],
+    DeepStack features float32[k, M, D_text] or None)."""
     layout = vision_layout(image_grid_thw, cfg)
     pixels = jnp.asarray(pixel_values)
     expected = (layout.num_patches, cfg.patch_dim)
@@ -399,6 +572,8 @@ def run_vision_tower(
         jnp.asarray(layout.positions),
         jnp.asarray(layout.window_segments),
         jnp.asarray(layout.image_segments),
+        layout.pos_index,
+        layout.pos_weight,
         cfg=cfg,
         impl=impl,
         max_window_len=layout.max_window_len,
@@ -423,5 +598,5 @@ def encode_images(
     Returns:
       float32[P // merge_unit, out_hidden_size] (M merged tokens, images in order).
     """
-    _, features = run_vision_tower(weights, cfg, pixel_values, image_grid_thw, impl=impl)
+    _, features, _ = run_vision_tower(weights, cfg, pixel_values, image_grid_thw, impl=impl)
     return features
