@@ -1,6 +1,7 @@
 """Run in a subprocess with 8 simulated CPU devices: sharded forward vs saved logits.
 
 Usage: python sharded_forward.py MODEL_DIR INPUTS.npz FSDP TENSOR
+(INPUTS.npz: ids, mask, logits, and optionally pixels and grids)
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ def main() -> None:
             if len(a.sharding.device_set) == 8 and not a.sharding.is_fully_replicated
         ]
         assert sharded, f"nothing was sharded: {shardings}"
-        logits = np.asarray(forward(params, config, data["ids"], data["mask"]))
+        images = (data["pixels"], data["grids"]) if "pixels" in data else (None, None)
+        logits = np.asarray(forward(params, config, data["ids"], data["mask"], *images))
     diff = float(np.abs(logits - data["logits"])[data["mask"] == 1].max())
     print(f"max_abs_diff={diff} sharded_arrays={len(sharded)}")
 

@@ -13,9 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -24,7 +29,14 @@ from fixtures.hf_families import FAMILIES, PATCH, build_family_model, family_hf_
 from fixtures.hf_models import IMAGE_TOKEN_ID, VISION_END_TOKEN_ID, VISION_START_TOKEN_ID
 from vlmgym_convert import hf_to_jax, jax_to_hf
 from vlmgym_convert.safetensors_io import open_checkpoint
-from vlmgym_model import ConfigError, Qwen2_5_VLConfig, forward, load_model
+from vlmgym_model import (
+    ConfigError,
+    Qwen2_5_VLConfig,
+    Sampler,
+    SamplingParams,
+    forward,
+    load_model,
+)
 from vlmgym_model.qwen2_5_vl import vision
 from vlmgym_model.qwen2_5_vl.rope import get_rope_index
 
@@ -246,3 +258,67 @@ def test_moe_checkpoints_are_refused_by_name(tmp_path):
     raw["model_type"] = "qwen3_vl_moe"
     with pytest.raises(ConfigError, match=r"qwen3_vl_moe.*MoE"):
         Qwen2_5_VLConfig.from_hf_dict(raw)
+
+
+# ---------------------------------------------------------------- sampling and sharding
+
+NEW, STOP = 8, 7
+
+
+def hf_greedy(model: Any, ids: list[int], pixels: Any, grids: Any) -> list[int]:
+    x = torch.as_tensor([ids])
+    kwargs: dict[str, Any] = {"attention_mask": torch.ones_like(x)}
+    if pixels is not None:
+        kwargs["pixel_values"] = torch.as_tensor(pixels)
+        kwargs["image_grid_thw"] = torch.as_tensor(grids)
+        kwargs["mm_token_type_ids"] = (x == IMAGE_TOKEN_ID).long()
+    with torch.no_grad():
+        out = model.generate(
+            x, do_sample=False, max_new_tokens=NEW, eos_token_id=STOP, pad_token_id=0, **kwargs
+        )
+    new = out[0, len(ids) :].tolist()
+    return new[: new.index(STOP) + 1] if STOP in new else new
+
+
+def test_greedy_sampling_equals_hf_generate(family):
+    """A padded batch: text only, one image, two images; each row against HF alone."""
+    rng = np.random.default_rng(5)
+    parts = [([6], []), ([2, "A", 5], ["A"]), ([3, "B", 1, "C", 2], ["B", "C"])]
+    rows = [(build_row(rng, p), names) for p, names in parts]
+    ids, mask = pad_rows([r for r, _ in rows], "right")
+    pixels, grids = pixels_for(family, [n for _, names in rows for n in names])
+    sampler = Sampler(family.config, stop_token_ids=[STOP], length_buckets=(64, 128))
+    gen = sampler.generate_ids(
+        family.params, ids, mask, SamplingParams(max_new_tokens=NEW, temperature=0),
+        jax.random.key(0), pixel_values=pixels, image_grid_thw=grids, decode_text=False,
+    )  # fmt: skip
+    for b, (r, names) in enumerate(rows):
+        own = pixels_for(family, names) if names else (None, None)
+        expected = hf_greedy(family.hf_model, r, *own)
+        assert gen.samples[b][0].tokens.tolist() == expected, f"row {b}"
+
+
+SHARDED = Path(__file__).with_name("sharded_forward.py")
+
+
+def test_sharded_forward_matches_single_device(family, tol, tmp_path):
+    """Params over fsdp=2 x tensor=4 of 8 simulated devices: the same logits with images."""
+    if family.name != "qwen3_vl":
+        pytest.skip("one family is enough: the sharding rules do not depend on it")
+    ids, mask = pad_rows_mixed("left")
+    pixels, grids = pixels_for(family, ["A", "C", "B"])
+    logits = np.asarray(forward(family.params, family.config, ids, mask, pixels, grids))
+    inputs = tmp_path / "inputs.npz"
+    np.savez(inputs, ids=ids, mask=mask, logits=logits, pixels=pixels, grids=grids)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run(
+        [sys.executable, str(SHARDED), str(family.model_dir), str(inputs), "2", "4"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    found = re.search(r"max_abs_diff=(\S+) sharded_arrays=(\d+)", proc.stdout)
+    assert found, proc.stdout
+    assert float(found.group(1)) <= tol["float32"] and int(found.group(2)) > 0

@@ -7,15 +7,18 @@ import os
 import subprocess
 import sys
 
+import pytest
 from vlmgym_envs.shapes import ShapesEnv
 
 
-def test_default_run_learns(tmp_path):
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_default_run_learns(tmp_path, family):
+    """The default run, and the same run with the tiny Qwen3-VL preset (--preset_family)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "vlmgym_train.cli", f"--save_dir={tmp_path}", "--progress=false"],
-        capture_output=True, text=True, env=env, timeout=1500,
-    )  # fmt: skip
+    argv = [sys.executable, "-m", "vlmgym_train.cli", f"--save_dir={tmp_path}", "--progress=false"]
+    if family != "qwen2_5_vl":
+        argv.append(f"--preset_family={family}")
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     first, last = summary["first_reward_mean"], summary["last_reward_mean"]

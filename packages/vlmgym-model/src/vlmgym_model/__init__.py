@@ -1,4 +1,5 @@
-"""Qwen2.5-VL in JAX: config, weights, forward pass, processor, sampler, checkpoints, sharding.
+"""Qwen-VL models in JAX (Qwen2-VL, Qwen2.5-VL, Qwen3-VL dense): config, weights, forward
+pass, processor, sampler, checkpoints, sharding.
 
 Public API (imported lazily, so `import vlmgym_model` does no work and pulls in JAX only
 when a JAX-backed name is first used):
@@ -8,7 +9,8 @@ when a JAX-backed name is first used):
   `model_inputs`; `embed(params, config, inputs)` is where every forward pass starts
   (the vision tower, its features written over the image placeholders): sampling's
   prefill, `forward_tokens` and training's `completion_logprobs` all call it
-- `Qwen2_5_VLConfig` (+ `TextConfig`, `VisionConfig`), read from HF's config.json
+- `Qwen2_5_VLConfig` (also `QwenVLConfig`; + `TextConfig`, `VisionConfig`), read from HF's
+  config.json; its `model_type` is the family (`FAMILIES`), the rest architecture switches
 - `Processor` (tokenizer + chat template + images), `preprocess_images`
 - `Sampler`, `SamplingParams`: batched generation with a KV cache and group sampling
 - `completion_logprobs(params, config, CompletionInputs, CompletionStatics)`: training's
@@ -30,6 +32,8 @@ _EXPORTS: dict[str, str] = {
     "save_params": "vlmgym_model.checkpoint",
     # config
     "ConfigError": "vlmgym_model.qwen2_5_vl.config",
+    "FAMILIES": "vlmgym_model.qwen2_5_vl.config",
+    "QwenVLConfig": "vlmgym_model.qwen2_5_vl.config",
     "Qwen2_5_VLConfig": "vlmgym_model.qwen2_5_vl.config",
     "TextConfig": "vlmgym_model.qwen2_5_vl.config",
     "VisionConfig": "vlmgym_model.qwen2_5_vl.config",

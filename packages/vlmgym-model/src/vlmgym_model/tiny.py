@@ -215,15 +215,30 @@ def tiny_config_dict(
                 out_hidden_size=hidden_size,
             ),
         )
+    return _qwen2_5_config_dict(
+        vocab, section, vision_depth, vision_hidden_size, vision_heads, fullatt_block_indexes,
+        hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+    )  # fmt: skip
+
+
+def _qwen2_5_config_dict(
+    vocab: dict[str, int],
+    section: list[int],
+    vision_depth: int,
+    vision_hidden_size: int,
+    vision_heads: int,
+    fullatt_block_indexes: Sequence[int],
+    **text: int,
+) -> dict[str, Any]:
+    """Qwen2.5-VL's published flat layout."""
+    hidden_size = text["hidden_size"]
     return {
         "architectures": ["Qwen2_5_VLForConditionalGeneration"],
         "model_type": "qwen2_5_vl",
         "vocab_size": len(vocab),
-        "hidden_size": hidden_size,
-        "intermediate_size": intermediate_size,
-        "num_hidden_layers": num_hidden_layers,
-        "num_attention_heads": num_attention_heads,
-        "num_key_value_heads": num_key_value_heads,
+        **text,
         "rms_norm_eps": 1e-6,
         "rope_theta": 10000.0,
         "rope_scaling": {"type": "mrope", "mrope_section": section},
