@@ -1,4 +1,5 @@
-"""Peak memory of one compiled Qwen2.5-VL-7B training step, from abstract shapes (issue 6).
+"""Peak memory of one compiled training step of Qwen2.5-VL-7B, Qwen3-VL-8B and Qwen3-VL-4B,
+from abstract shapes (issue 6; the Qwen3-VL rows from issue 15).
 
 No weights exist: the train state (fp32 master params + optimizer state) and the batch are
 `jax.ShapeDtypeStruct`s, the step is `vlmgym_train.grpo.train_step` jitted exactly as
@@ -12,8 +13,9 @@ cuDNN/cuBLAS workspaces). Read them as the order of magnitude and as the relativ
 of the optimizer and of remat, not as a device budget.
 
 The benchmark itself times the compile (`lower().compile()`); the memory figures (GiB) are
-in `extra_info`. Configuration: the published 7B config, params fp32, compute bf16,
-`ppo_clip` loss, vision trained, one 448x448 image per prompt. Batch size via env vars:
+in `extra_info`. Configuration: the published configs, params fp32, compute bf16,
+`ppo_clip` loss, vision trained, one image of 32 x 32 patches per prompt (448 px for
+Qwen2.5-VL, 512 px for Qwen3-VL). Batch size via env vars:
   VLMGYM_BENCH_7B_GROUPS=8 VLMGYM_BENCH_7B_GROUP_SIZE=8 VLMGYM_BENCH_7B_PROMPT=512
   VLMGYM_BENCH_7B_NEW_TOKENS=256 VLMGYM_BENCH_7B_IMAGE_GRID=32 (patches per side)
 Run: uv run pytest benchmarks/test_bench_memory_7b.py -q --benchmark-columns=median -s
@@ -46,7 +48,8 @@ from vlmgym_train.grpo import train_step
 from vlmgym_train.losses import LossConfig
 from vlmgym_train.optim import OptimConfig, make_optimizer
 
-CONFIG = Path(__file__).parents[1] / "tests/fixtures/configs/qwen2_5_vl_7b.json"
+CONFIGS = Path(__file__).parents[1] / "tests/fixtures/configs"
+MODELS = ("qwen2_5_vl_7b", "qwen3_vl_8b", "qwen3_vl_4b")
 GROUPS = int(os.environ.get("VLMGYM_BENCH_7B_GROUPS", 8))
 GROUP_SIZE = int(os.environ.get("VLMGYM_BENCH_7B_GROUP_SIZE", 8))
 PROMPT = int(os.environ.get("VLMGYM_BENCH_7B_PROMPT", 512))
@@ -94,8 +97,9 @@ def _abstract_batch(config: Qwen2_5_VLConfig) -> Batch:
 
 @pytest.mark.parametrize("remat", [False, True], ids=["no_remat", "remat"])
 @pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
-def test_bench_memory_7b(benchmark, optimizer, remat):
-    config = Qwen2_5_VLConfig.from_file(CONFIG)
+@pytest.mark.parametrize("model", MODELS)
+def test_bench_memory_7b(benchmark, model, optimizer, remat):
+    config = Qwen2_5_VLConfig.from_file(CONFIGS / f"{model}.json")
     tx = make_optimizer(OptimConfig(optimizer=optimizer, lr=1e-6, max_grad_norm=1.0))
     params = abstract_params(param_specs(config), jnp.float32)  # fp32 master weights
     state = jax.eval_shape(lambda p: TrainState.create(p, tx), params)
@@ -118,7 +122,7 @@ def test_bench_memory_7b(benchmark, optimizer, remat):
         return step.lower(state, batch).compile()
 
     benchmark.group = (
-        f"7B train step compile, {GROUPS}x{GROUP_SIZE} rows, {PROMPT}+{NEW} tokens (CPU backend)"
+        f"{model} train step compile, {GROUPS}x{GROUP_SIZE} rows, {PROMPT}+{NEW} tokens (CPU)"
     )
     compiled = benchmark.pedantic(compile_step, rounds=1, warmup_rounds=0)
     mem = compiled.memory_analysis()
@@ -137,6 +141,7 @@ def test_bench_memory_7b(benchmark, optimizer, remat):
         params_b=n_params / 1e9,
         params_fp32_gib=4 * n_params / GIB,
         opt_state_gib=opt_bytes / GIB,
+        model=model,
         optimizer=optimizer,
         remat=remat,
         rows=GROUPS * GROUP_SIZE,

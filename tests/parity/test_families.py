@@ -322,3 +322,28 @@ def test_sharded_forward_matches_single_device(family, tol, tmp_path):
     found = re.search(r"max_abs_diff=(\S+) sharded_arrays=(\d+)", proc.stdout)
     assert found, proc.stdout
     assert float(found.group(1)) <= tol["float32"] and int(found.group(2)) > 0
+
+
+@pytest.mark.parametrize("name", ["qwen3_vl_4b", "qwen3_vl_8b"])
+def test_published_shapes_have_hf_parameter_counts(name):
+    """Qwen3-VL-4B and -8B configs: every weight shape agrees with HF's model (on `meta`)."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from vlmgym_convert.mapping import hf_shape, rules
+    from vlmgym_model import param_specs
+    from vlmgym_model.checkpoint import flatten_params
+    from vlmgym_model.weights import is_spec
+
+    path = Path(__file__).parents[1] / "fixtures" / "configs" / f"{name}.json"
+    config = Qwen2_5_VLConfig.from_file(path)
+    with torch.device("meta"):
+        hf = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**json.loads(path.read_text())))
+    theirs = {k.replace("model.language_model.", "model.").replace("model.visual.", "visual."): v
+              for k, v in hf.state_dict().items()}  # fmt: skip
+    specs = flatten_params(param_specs(config), is_spec)
+    for rule in rules(config):
+        spec = specs[rule.ours]
+        per_layer = spec.shape[1:] if rule.layered else spec.shape
+        for hf_name in rule.hf_names(spec.shape[0] if rule.layered else 1):
+            assert tuple(theirs[hf_name].shape) == hf_shape(rule, per_layer, config), hf_name
+    ours = sum(int(np.prod(s.shape)) for s in specs.values())
+    assert ours == sum(p.numel() for p in hf.parameters())
