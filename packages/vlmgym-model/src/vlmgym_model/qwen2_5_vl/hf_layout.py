@@ -8,6 +8,7 @@ family's defaults are transformers' own where a field is left out.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,6 +18,24 @@ from vlmgym_model.qwen2_5_vl.config import (
     VisionConfig,
     _require,
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class HFNaming:
+    """The HF module names that differ between families for the same architecture part
+    (the converter's table reads them, so it needs no family branches)."""
+
+    vision_fc: str  # prefix of the two-layer vision MLP: "fc" (fc1, fc2) or "linear_fc"
+    merger_norm: str  # the merger's norm: "ln_q" or "norm"
+    merger_fc: tuple[str, str]  # the merger's two Linears
+    nested: bool  # published tensors live under model.language_model. / model.visual.
+
+
+HF_NAMING = {
+    "qwen2_vl": HFNaming("fc", "ln_q", ("mlp.0", "mlp.2"), nested=False),
+    "qwen2_5_vl": HFNaming("fc", "ln_q", ("mlp.0", "mlp.2"), nested=False),
+    "qwen3_vl": HFNaming("linear_fc", "norm", ("linear_fc1", "linear_fc2"), nested=True),
+}
 
 
 def _pick(raw: Mapping[str, Any], *names: str, default: Any = None) -> Any:
