@@ -62,6 +62,86 @@ def median_seconds(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1) -> 
     return statistics.median(times)
 
 
+class TowerAndPrefill:
+    """Our vision tower and prefill forward beside HF's, on the same weights and inputs.
+
+    Subclasses set `hf_model`, `config`, `params`, `pixels`, `grids`, `ids` and `mask`.
+    """
+
+    hf_model: Any
+    config: Any
+    params: Any
+    pixels: Any
+    grids: Any
+    ids: Any
+    mask: Any
+
+    def __init__(self, hf_model: Any, root: Path, grid: tuple[int, int, int], vocab: int) -> None:
+        """Save `hf_model` under root, convert and load it (fp32), and build one prompt of
+        20 + 22 random tokens (ids below `vocab`) around an image of patch grid `grid`."""
+        import jax.numpy as jnp
+        import numpy as np
+        from vlmgym_convert import hf_to_jax
+        from vlmgym_model import load_model
+
+        self.hf_model = hf_model
+        hf_model.save_pretrained(root / "hf")
+        hf_to_jax(root / "hf", root / "jax", progress=False)
+        self.config, self.params = load_model(root / "jax", dtype=jnp.float32)
+        rng = np.random.default_rng(0)
+        P = int(np.prod(grid))
+        self.pixels = rng.normal(size=(P, self.config.vision.patch_dim)).astype(np.float32)
+        self.grids = np.array([grid])
+        c, text = self.config, rng.integers(0, vocab, 42).tolist()
+        image = [c.vision_start_token_id] + [c.image_token_id] * (P // 4) + [c.vision_end_token_id]
+        self.ids = np.array([text[:20] + image + text[20:]])
+        self.mask = np.ones_like(self.ids)
+
+    def hf_inputs(self) -> dict[str, Any]:
+        import numpy as np
+        import torch
+
+        image = (self.ids == self.config.image_token_id).astype(np.int64)
+        return dict(
+            input_ids=torch.as_tensor(self.ids),
+            attention_mask=torch.as_tensor(self.mask),
+            pixel_values=torch.as_tensor(self.pixels),
+            image_grid_thw=torch.as_tensor(self.grids),
+            mm_token_type_ids=torch.as_tensor(image),
+        )
+
+    def ours_tower(self) -> Any:
+        import jax
+        import numpy as np
+        from vlmgym_model.qwen2_5_vl import vision
+
+        out = vision.encode_images(self.params.vision, self.config.vision, self.pixels, self.grids)
+        return np.asarray(jax.block_until_ready(out))
+
+    def hf_tower(self) -> Any:
+        import torch
+
+        with torch.no_grad():
+            out = self.hf_model.model.visual(
+                torch.as_tensor(self.pixels), grid_thw=torch.as_tensor(self.grids)
+            )
+        return out.pooler_output.numpy()
+
+    def ours_prefill(self) -> Any:
+        import jax
+        import numpy as np
+        from vlmgym_model import forward
+
+        out = forward(self.params, self.config, self.ids, self.mask, self.pixels, self.grids)
+        return np.asarray(jax.block_until_ready(out))
+
+    def hf_prefill(self) -> Any:
+        import torch
+
+        with torch.no_grad():
+            return self.hf_model(**self.hf_inputs()).logits.numpy()
+
+
 class BenchModel:
     def __init__(self, root: Path) -> None:
         import jax.numpy as jnp

@@ -14,21 +14,16 @@ Run: uv run pytest benchmarks/test_bench_qwen3_vl.py --benchmark-columns=median 
 
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import TowerAndPrefill, median_seconds
 from fixtures.hf_models import build_hf_model
-from vlmgym_convert import hf_to_jax
-from vlmgym_model import Sampler, SamplingParams, forward, load_model
-from vlmgym_model.qwen2_5_vl import vision
+from vlmgym_model import Sampler, SamplingParams
 
-IMAGE, START, END = 151655, 151652, 151653
 GRID = (1, 32, 32)
 NEW = 16
 
@@ -52,49 +47,11 @@ def qwen3_vl_4b_shaped() -> Any:
     )  # fmt: skip
 
 
-class Setup:
+class Setup(TowerAndPrefill):
     def __init__(self, root: Any) -> None:
-        self.hf_model = build_hf_model(qwen3_vl_4b_shaped(), std=0.02)
-        self.hf_model.save_pretrained(root / "hf")
-        hf_to_jax(root / "hf", root / "jax", progress=False)
-        self.config, self.params = load_model(root / "jax", dtype=jnp.float32)
-        rng = np.random.default_rng(0)
-        P = int(np.prod(GRID))
-        self.pixels = rng.normal(size=(P, self.config.vision.patch_dim)).astype(np.float32)
-        self.grids = np.array([GRID])
-        text = rng.integers(0, 150_000, 42).tolist()
-        row = text[:20] + [START] + [IMAGE] * (P // 4) + [END] + text[20:]
-        self.ids = np.array([row])
-        self.mask = np.ones_like(self.ids)
-        self.sampler = Sampler(self.config, stop_token_ids=[-1], length_buckets=(len(row),))
-
-    def hf_kwargs(self) -> dict[str, Any]:
-        return dict(
-            input_ids=torch.as_tensor(self.ids),
-            attention_mask=torch.as_tensor(self.mask),
-            pixel_values=torch.as_tensor(self.pixels),
-            image_grid_thw=torch.as_tensor(self.grids),
-            mm_token_type_ids=torch.as_tensor((self.ids == IMAGE).astype(np.int64)),
-        )
-
-    def ours_tower(self) -> np.ndarray:
-        out = vision.encode_images(self.params.vision, self.config.vision, self.pixels, self.grids)
-        return np.asarray(jax.block_until_ready(out))
-
-    def hf_tower(self) -> np.ndarray:
-        with torch.no_grad():
-            out = self.hf_model.model.visual(
-                torch.as_tensor(self.pixels), grid_thw=torch.as_tensor(self.grids)
-            )
-        return out.pooler_output.numpy()
-
-    def ours_prefill(self) -> np.ndarray:
-        out = forward(self.params, self.config, self.ids, self.mask, self.pixels, self.grids)
-        return np.asarray(jax.block_until_ready(out))[0, -1]
-
-    def hf_prefill(self) -> np.ndarray:
-        with torch.no_grad():
-            return self.hf_model(**self.hf_kwargs()).logits.numpy()[0, -1]
+        super().__init__(build_hf_model(qwen3_vl_4b_shaped(), std=0.02), root, GRID, 150_000)
+        length = self.ids.shape[1]
+        self.sampler = Sampler(self.config, stop_token_ids=[-1], length_buckets=(length,))
 
     def ours_generate(self) -> np.ndarray:
         gen = self.sampler.generate_ids(
@@ -107,7 +64,7 @@ class Setup:
     def hf_generate(self) -> np.ndarray:
         with torch.no_grad():
             out = self.hf_model.generate(
-                **self.hf_kwargs(), do_sample=False, max_new_tokens=NEW, min_new_tokens=NEW,
+                **self.hf_inputs(), do_sample=False, max_new_tokens=NEW, min_new_tokens=NEW,
                 pad_token_id=0,
             )  # fmt: skip
         return out[0, self.ids.shape[1] :].numpy()
@@ -116,16 +73,6 @@ class Setup:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
     return Setup(tmp_path_factory.mktemp("bench-qwen3-vl"))
-
-
-def median_seconds(fn: Any, repeats: int = 3) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 @pytest.mark.parametrize("stage", ["tower", "prefill", "generate"])

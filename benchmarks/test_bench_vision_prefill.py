@@ -17,21 +17,13 @@ import statistics
 import time
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
+from conftest import TowerAndPrefill
 from fixtures.hf_models import (
-    IMAGE_TOKEN_ID,
-    VISION_END_TOKEN_ID,
-    VISION_START_TOKEN_ID,
     build_hf_model,
     hf_config,
 )
-from vlmgym_convert import hf_to_jax
-from vlmgym_model import forward, load_model
-from vlmgym_model.qwen2_5_vl import vision
 
 TEXT = dict(
     hidden_size=256,
@@ -56,51 +48,9 @@ VISION = dict(
 GRID = (1, 32, 32)  # a 448x448 image
 
 
-class Setup:
+class Setup(TowerAndPrefill):
     def __init__(self, root: Any) -> None:
-        self.hf_model = build_hf_model(hf_config(TEXT, VISION), std=0.02)
-        self.hf_model.save_pretrained(root / "hf")
-        hf_to_jax(root / "hf", root / "jax", progress=False)
-        self.config, self.params = load_model(root / "jax", dtype=jnp.float32)
-        rng = np.random.default_rng(0)
-        P = int(np.prod(GRID))
-        self.pixels = rng.normal(size=(P, self.config.vision.patch_dim)).astype(np.float32)
-        self.grids = np.array([GRID])
-        row = (
-            rng.integers(0, 240, 20).tolist()
-            + [VISION_START_TOKEN_ID]
-            + [IMAGE_TOKEN_ID] * (P // 4)
-            + [VISION_END_TOKEN_ID]
-            + rng.integers(0, 240, 22).tolist()
-        )
-        self.ids = np.array([row])
-        self.mask = np.ones_like(self.ids)
-
-    def ours_tower(self) -> np.ndarray:
-        out = vision.encode_images(self.params.vision, self.config.vision, self.pixels, self.grids)
-        return np.asarray(jax.block_until_ready(out))
-
-    def hf_tower(self) -> np.ndarray:
-        with torch.no_grad():
-            out = self.hf_model.model.visual(
-                torch.as_tensor(self.pixels), grid_thw=torch.as_tensor(self.grids)
-            )
-        return out.pooler_output.numpy()
-
-    def ours_prefill(self) -> np.ndarray:
-        out = forward(self.params, self.config, self.ids, self.mask, self.pixels, self.grids)
-        return np.asarray(jax.block_until_ready(out))
-
-    def hf_prefill(self) -> np.ndarray:
-        with torch.no_grad():
-            out = self.hf_model(
-                input_ids=torch.as_tensor(self.ids),
-                attention_mask=torch.as_tensor(self.mask),
-                pixel_values=torch.as_tensor(self.pixels),
-                image_grid_thw=torch.as_tensor(self.grids),
-                mm_token_type_ids=torch.as_tensor((self.ids == IMAGE_TOKEN_ID).astype(np.int64)),
-            )
-        return out.logits.numpy()
+        super().__init__(build_hf_model(hf_config(TEXT, VISION), std=0.02), root, GRID, 240)
 
 
 @pytest.fixture(scope="module")

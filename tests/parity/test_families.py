@@ -13,10 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +23,12 @@ import pytest
 import torch
 from fixtures.hf_families import FAMILIES, PATCH, build_family_model, family_hf_config
 from fixtures.hf_models import IMAGE_TOKEN_ID, VISION_END_TOKEN_ID, VISION_START_TOKEN_ID
+from fixtures.parity_io import (
+    assert_rope_index_matches_hf,
+    hf_greedy,
+    pad_rows,
+    sharded_forward,
+)
 from vlmgym_convert import hf_to_jax, jax_to_hf
 from vlmgym_convert.safetensors_io import open_checkpoint
 from vlmgym_model import (
@@ -38,7 +40,6 @@ from vlmgym_model import (
     load_model,
 )
 from vlmgym_model.qwen2_5_vl import vision
-from vlmgym_model.qwen2_5_vl.rope import get_rope_index
 
 GRIDS = {"A": (1, 8, 8), "B": (1, 6, 10), "C": (1, 4, 6)}
 
@@ -88,16 +89,6 @@ def build_row(rng: np.random.Generator, parts: list[int | str]) -> list[int]:
         else:
             row += rng.integers(0, 240, part).tolist()
     return row
-
-
-def pad_rows(rows: list[list[int]], side: str) -> tuple[np.ndarray, np.ndarray]:
-    T = max(len(r) for r in rows)
-    ids = np.zeros((len(rows), T), np.int64)
-    mask = np.zeros_like(ids)
-    for b, row in enumerate(rows):
-        sl = slice(T - len(row), T) if side == "left" else slice(0, len(row))
-        ids[b, sl], mask[b, sl] = row, 1
-    return ids, mask
 
 
 def hf_logits(model: Any, ids: np.ndarray, mask: np.ndarray, pixels: Any, grids: Any) -> Any:
@@ -161,16 +152,7 @@ def pad_rows_mixed(side: str) -> tuple[np.ndarray, np.ndarray]:
 def test_rope_index_matches_hf(family):
     ids, mask = pad_rows_mixed("left")
     _, grids = pixels_for(family, ["A", "C", "B"])
-    positions, deltas = get_rope_index(ids, mask, grids, family.config)
-    ref_pos, ref_deltas = family.hf_model.model.get_rope_index(
-        torch.as_tensor(ids),
-        mm_token_type_ids=torch.as_tensor((ids == IMAGE_TOKEN_ID).astype(np.int64)),
-        image_grid_thw=torch.as_tensor(grids),
-        attention_mask=torch.as_tensor(mask),
-    )
-    real = np.broadcast_to(mask == 1, positions.shape)
-    np.testing.assert_array_equal(positions[real], ref_pos.numpy()[real])
-    np.testing.assert_array_equal(deltas, ref_deltas.numpy().reshape(-1))
+    assert_rope_index_matches_hf(family.hf_model, family.config, ids, mask, grids)
 
 
 def test_vision_tower_and_deepstack_features_match_hf(family, tol):
@@ -265,21 +247,6 @@ def test_moe_checkpoints_are_refused_by_name(tmp_path):
 NEW, STOP = 8, 7
 
 
-def hf_greedy(model: Any, ids: list[int], pixels: Any, grids: Any) -> list[int]:
-    x = torch.as_tensor([ids])
-    kwargs: dict[str, Any] = {"attention_mask": torch.ones_like(x)}
-    if pixels is not None:
-        kwargs["pixel_values"] = torch.as_tensor(pixels)
-        kwargs["image_grid_thw"] = torch.as_tensor(grids)
-        kwargs["mm_token_type_ids"] = (x == IMAGE_TOKEN_ID).long()
-    with torch.no_grad():
-        out = model.generate(
-            x, do_sample=False, max_new_tokens=NEW, eos_token_id=STOP, pad_token_id=0, **kwargs
-        )
-    new = out[0, len(ids) :].tolist()
-    return new[: new.index(STOP) + 1] if STOP in new else new
-
-
 def test_greedy_sampling_equals_hf_generate(family):
     """A padded batch: text only, one image, two images; each row against HF alone."""
     rng = np.random.default_rng(5)
@@ -294,11 +261,8 @@ def test_greedy_sampling_equals_hf_generate(family):
     )  # fmt: skip
     for b, (r, names) in enumerate(rows):
         own = pixels_for(family, names) if names else (None, None)
-        expected = hf_greedy(family.hf_model, r, *own)
+        expected = hf_greedy(family.hf_model, r, *own, new=NEW, stop=STOP, image_id=IMAGE_TOKEN_ID)
         assert gen.samples[b][0].tokens.tolist() == expected, f"row {b}"
-
-
-SHARDED = Path(__file__).with_name("sharded_forward.py")
 
 
 def test_sharded_forward_matches_single_device(family, tol, tmp_path):
@@ -308,42 +272,8 @@ def test_sharded_forward_matches_single_device(family, tol, tmp_path):
     ids, mask = pad_rows_mixed("left")
     pixels, grids = pixels_for(family, ["A", "C", "B"])
     logits = np.asarray(forward(family.params, family.config, ids, mask, pixels, grids))
-    inputs = tmp_path / "inputs.npz"
-    np.savez(inputs, ids=ids, mask=mask, logits=logits, pixels=pixels, grids=grids)
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run(
-        [sys.executable, str(SHARDED), str(family.model_dir), str(inputs), "2", "4"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    found = re.search(r"max_abs_diff=(\S+) sharded_arrays=(\d+)", proc.stdout)
-    assert found, proc.stdout
-    assert float(found.group(1)) <= tol["float32"] and int(found.group(2)) > 0
-
-
-@pytest.mark.parametrize("name", ["qwen3_vl_4b", "qwen3_vl_8b"])
-def test_published_shapes_have_hf_parameter_counts(name):
-    """Qwen3-VL-4B and -8B configs: every weight shape agrees with HF's model (on `meta`)."""
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-    from vlmgym_convert.mapping import hf_shape, rules
-    from vlmgym_model import param_specs
-    from vlmgym_model.checkpoint import flatten_params
-    from vlmgym_model.weights import is_spec
-
-    path = Path(__file__).parents[1] / "fixtures" / "configs" / f"{name}.json"
-    config = Qwen2_5_VLConfig.from_file(path)
-    with torch.device("meta"):
-        hf = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**json.loads(path.read_text())))
-    theirs = {k.replace("model.language_model.", "model.").replace("model.visual.", "visual."): v
-              for k, v in hf.state_dict().items()}  # fmt: skip
-    specs = flatten_params(param_specs(config), is_spec)
-    for rule in rules(config):
-        spec = specs[rule.ours]
-        per_layer = spec.shape[1:] if rule.layered else spec.shape
-        for hf_name in rule.hf_names(spec.shape[0] if rule.layered else 1):
-            assert tuple(theirs[hf_name].shape) == hf_shape(rule, per_layer, config), hf_name
-    ours = sum(int(np.prod(s.shape)) for s in specs.values())
-    assert ours == sum(p.numel() for p in hf.parameters())
+    diff, sharded = sharded_forward(
+        family.model_dir, tmp_path, 2, 4, ids=ids, mask=mask, logits=logits, pixels=pixels,
+        grids=grids,
+    )  # fmt: skip
+    assert diff <= tol["float32"] and sharded > 0

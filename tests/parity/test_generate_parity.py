@@ -7,8 +7,8 @@ from typing import Any
 import jax
 import numpy as np
 import pytest
-import torch
 from fixtures.hf_models import IMAGE_TOKEN_ID, VISION_END_TOKEN_ID, VISION_START_TOKEN_ID
+from fixtures.parity_io import hf_greedy as reference_greedy
 from vlmgym_model import Sampler, SamplingParams
 
 GRIDS = {"A": (1, 8, 8), "B": (1, 6, 10)}
@@ -45,18 +45,7 @@ def row(rng: np.random.Generator, parts: list[Any]) -> tuple[list[int], list[str
 
 def hf_greedy(model: Any, ids: list[int], images: list[str]) -> list[int]:
     pixels, grids = pixels_for(images)
-    x = torch.as_tensor([ids])
-    kwargs: dict[str, Any] = {"attention_mask": torch.ones_like(x)}
-    if pixels is not None:
-        kwargs["pixel_values"] = torch.as_tensor(pixels)
-        kwargs["image_grid_thw"] = torch.as_tensor(grids)
-        kwargs["mm_token_type_ids"] = (x == IMAGE_TOKEN_ID).long()
-    with torch.no_grad():
-        out = model.generate(
-            x, do_sample=False, max_new_tokens=NEW, eos_token_id=STOP, pad_token_id=0, **kwargs
-        )
-    new = out[0, len(ids) :].tolist()
-    return new[: new.index(STOP) + 1] if STOP in new else new
+    return reference_greedy(model, ids, pixels, grids, new=NEW, stop=STOP, image_id=IMAGE_TOKEN_ID)
 
 
 @pytest.fixture(scope="module")

@@ -27,13 +27,13 @@ from fixtures.hf_models import (
     VISION_START_TOKEN_ID,
     VOCAB_SIZE,
 )
+from fixtures.parity_io import assert_rope_index_matches_hf, pad_rows
 from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 from vlmgym_convert import jax_to_hf
 from vlmgym_convert.safetensors_io import open_checkpoint
 from vlmgym_model import forward
 from vlmgym_model.qwen2_5_vl import vision
-from vlmgym_model.qwen2_5_vl.rope import get_rope_index
 
 TEXT, VISION = "tied_gqa2", "windowed"
 # (t, h, w) in patches. A: 4x4 merge units = 2x2 whole windows; B: 3x5 units and C: 2x7
@@ -66,16 +66,6 @@ def build_row(rng: np.random.Generator, parts: list[int | str]) -> list[int]:
     for part in parts:
         row += image_run(part) if isinstance(part, str) else rng.integers(0, 240, part).tolist()
     return row
-
-
-def pad_rows(rows: list[list[int]], side: str) -> tuple[np.ndarray, np.ndarray]:
-    T = max(len(r) for r in rows)
-    ids = np.zeros((len(rows), T), np.int64)
-    mask = np.zeros_like(ids)
-    for b, row in enumerate(rows):
-        sl = slice(T - len(row), T) if side == "left" else slice(0, len(row))
-        ids[b, sl], mask[b, sl] = row, 1
-    return ids, mask
 
 
 def hf_logits(
@@ -229,16 +219,7 @@ def test_logits_padded_batch(model, tol, side):
 def test_rope_index_matches_hf(model, side):
     """mRoPE positions [3, B, T] and decode deltas equal HF's `get_rope_index`."""
     ids, mask, _, grids = batch_inputs(side)
-    positions, deltas = get_rope_index(ids, mask, grids, model.config)
-    ref_pos, ref_deltas = model.hf_model.model.get_rope_index(
-        torch.as_tensor(ids),
-        mm_token_type_ids=torch.as_tensor((ids == IMAGE_TOKEN_ID).astype(np.int64)),
-        image_grid_thw=torch.as_tensor(grids),
-        attention_mask=torch.as_tensor(mask),
-    )
-    real = np.broadcast_to(mask == 1, positions.shape)
-    np.testing.assert_array_equal(positions[real], ref_pos.numpy()[real])
-    np.testing.assert_array_equal(deltas, ref_deltas.numpy().reshape(-1))
+    positions = assert_rope_index_matches_hf(model.hf_model, model.config, ids, mask, grids)
     assert (positions[1] != positions[2]).any(), "image tokens must have distinct h and w ids"
 
 

@@ -11,12 +11,13 @@ import pytest
 from vlmgym_envs.shapes import ShapesEnv
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen2_5_vl"])
 def test_default_run_learns(tmp_path, family):
-    """The default run, and the same run with the tiny Qwen3-VL preset (--preset_family)."""
+    """The default run (the tiny Qwen3-VL preset), and the same run with the tiny Qwen2.5-VL
+    preset (--preset_family)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     argv = [sys.executable, "-m", "vlmgym_train.cli", f"--save_dir={tmp_path}", "--progress=false"]
-    if family != "qwen2_5_vl":
+    if family != "qwen3_vl":
         argv.append(f"--preset_family={family}")
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]

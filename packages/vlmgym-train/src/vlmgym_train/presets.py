@@ -1,5 +1,5 @@
-"""Built-in model presets: a tiny randomly initialised Qwen-VL (Qwen2.5-VL by default,
-Qwen3-VL or Qwen2-VL with `--preset_family`) with an offline tokenizer.
+"""Built-in model presets: a tiny randomly initialised Qwen-VL (Qwen3-VL by default,
+Qwen2.5-VL or Qwen2-VL with `--preset_family`) with an offline tokenizer.
 
 `vlmgym-train` with no `--model_dir` trains this preset on the `shapes` environment. Its
 word-level tokenizer is built from the environment's own prompts, so every answer word is
@@ -62,7 +62,7 @@ def write_tiny_preset(
     *,
     seed: int = 0,
     vision_init_scale: float = TINY_VISION_INIT_SCALE,
-    family: str = "qwen2_5_vl",
+    family: str = "qwen3_vl",
 ) -> Path:
     """Write the tiny preset's model directory for `env` (tokenizer, config, random params)
     in the model family `family`."""
