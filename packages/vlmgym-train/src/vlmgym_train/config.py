@@ -32,8 +32,8 @@ from vlmgym_train.optim import OptimConfig
 
 # The tiny preset's learning rate. On `shapes` with the Qwen2.5-VL preset at 2e-3 the reward
 # peaked near 0.45 and then fell back (the run is chaotic enough that the CPU's rounding
-# decides); at 1e-3 the last-20-step mean reward of seeds 0-4 is 0.95, 0.99, 0.87, 0.86,
-# 0.91 for the Qwen3-VL preset (the default) and 0.87, 0.87, 0.53, 0.67, 0.85 for Qwen2.5-VL.
+# decides); at 1e-3 the last-20-step mean reward of seeds 0-4 is 0.91, 0.96, 0.88, 0.92,
+# 0.91 for the Qwen3-VL preset (the default) and 0.87, 0.87, 0.76, 0.69, 0.87 for Qwen2.5-VL.
 PRESET_LR = 1e-3
 
 
