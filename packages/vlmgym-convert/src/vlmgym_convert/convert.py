@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from vlmgym_model.adapters import AdapterCheckpoint, check_base, load_adapters
 from vlmgym_model.checkpoint import (
     PARAMS_DIR,
     copy_side_files,
@@ -17,6 +18,7 @@ from vlmgym_model.checkpoint import (
     save_params,
     unflatten_params,
 )
+from vlmgym_model.lora import LoraPair, adapter_specs, merge_adapters
 from vlmgym_model.qwen2_5_vl.config import Qwen2_5_VLConfig
 from vlmgym_model.qwen2_5_vl.model import param_specs
 from vlmgym_model.weights import is_spec
@@ -50,7 +52,8 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, file=sys.stderr)
 
 
-def _dtype(name: str | None) -> np.dtype | None:
+def parse_dtype(name: str | None) -> np.dtype | None:
+    """The numpy dtype a `--dtype` spelling names (None: keep the source's)."""
     if name is None:
         return None
     table = {
@@ -138,7 +141,7 @@ def hf_to_jax(
         by_canonical[canonical] = (name, f)
     shapes = {c: f.shape(n) for c, (n, f) in by_canonical.items()}
     plan = check_hf_tensors(config, shapes)
-    target = _dtype(dtype)
+    target = parse_dtype(dtype)
     if (model_dir / PARAMS_DIR).exists() and not force:
         raise FileExistsError(f"{model_dir / PARAMS_DIR} exists; pass --force to overwrite")
 
@@ -187,11 +190,38 @@ def _shards(
         yield shard
 
 
+def load_export_adapters(
+    model_dir: str | Path, adapter_dir: str | Path, config: Qwen2_5_VLConfig
+) -> AdapterCheckpoint:
+    """The adapters in `adapter_dir`, checked against the base model in `model_dir`: its
+    fingerprint must be the one they were trained on, their shapes those its weights take.
+    Raises a one-line AdapterError or ConversionError (both ValueErrors)."""
+    ckpt = load_adapters(adapter_dir)
+    check_base(ckpt, model_dir)
+    want = adapter_specs(param_specs(config), ckpt.cfg)
+    for path, pair in sorted(ckpt.adapters.items()):
+        spec = want.get(path)
+        if spec is None:
+            raise ConversionError(f"{adapter_dir}: adapter {path!r} adapts no weight of the base")
+        if isinstance(pair, LoraPair) != isinstance(spec, LoraPair):
+            raise ConversionError(f"{adapter_dir}: {path!r} is not stored as its target needs")
+        if isinstance(pair, LoraPair):
+            got, expected = (pair.a.shape, pair.b.shape), (spec.a.shape, spec.b.shape)
+        else:
+            got, expected = np.shape(pair), spec.shape
+        if got != expected:
+            raise ConversionError(
+                f"{adapter_dir}: adapter {path!r} has a, b shapes {got}; the base needs {expected}"
+            )
+    return ckpt
+
+
 def jax_to_hf(
     model_dir: str | Path,
     hf_dir: str | Path,
     *,
     dtype: str | None = None,
+    adapter_dir: str | Path | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: bool = True,
 ) -> Path:
@@ -203,14 +233,21 @@ def jax_to_hf(
 
     Args:
       dtype: dtype to write; default: the dtype the params are stored in.
+      adapter_dir: LoRA adapters trained on this model (`vlmgym_model.save_adapters`), merged
+        into the weights (W + scale * A @ B, in float32, then cast to `dtype`).
     """
     import jax
 
     model_dir, hf_dir = Path(model_dir), Path(hf_dir)
     config = Qwen2_5_VLConfig.from_file(model_dir / "config.json")
     stored = _stored_dtype(model_dir / PARAMS_DIR)
-    target = _dtype(dtype) or stored
-    params = load_params(model_dir / PARAMS_DIR, config, dtype=target)
+    target = parse_dtype(dtype) or stored
+    if adapter_dir is None:
+        params = load_params(model_dir / PARAMS_DIR, config, dtype=target)
+    else:  # merged into the stored weights, so the cast to `target` happens once
+        ckpt = load_export_adapters(model_dir, adapter_dir, config)
+        params = load_params(model_dir / PARAMS_DIR, config, dtype=stored)
+        params = merge_adapters(params, ckpt.adapters, ckpt.cfg)
     flat = flatten_params(params)
     flat_specs = flatten_params(param_specs(config), is_spec)
     plan = [(r, r.hf_names(flat_specs[r.ours].shape[0] if r.layered else 1)) for r in rules(config)]
@@ -220,7 +257,7 @@ def jax_to_hf(
     def tensors() -> Iterator[tuple[str, np.ndarray]]:
         with _progress(total, f"writing {hf_dir.name}", progress) as bar:
             for rule, names in plan:
-                host = np.asarray(jax.device_get(flat[rule.ours]))
+                host = np.asarray(jax.device_get(flat[rule.ours])).astype(target, copy=False)
                 for i, name in enumerate(names):
                     per_layer = host[i] if rule.layered else host
                     shape = hf_shape(rule, per_layer.shape, config)

@@ -131,8 +131,13 @@ def published_hf_name(name: str, config: Qwen2_5_VLConfig) -> str:
     """The name a canonical tensor has in the family's published checkpoints: Qwen3-VL's
     are under `model.language_model.` and `model.visual.`; older families keep the
     canonical names (transformers 5 maps them when loading)."""
-    if not config.hf_naming.nested:
-        return name
+    return module_hf_name(name) if config.hf_naming.nested else name
+
+
+def module_hf_name(name: str) -> str:
+    """A canonical name as transformers (>= 4.52) names the module or parameter, in every
+    family: the decoder under `model.language_model.`, the vision tower under
+    `model.visual.` (`canonical_hf_name` is the inverse)."""
     if name.startswith("model."):
         return "model.language_model." + name[len("model.") :]
     if name.startswith("visual."):

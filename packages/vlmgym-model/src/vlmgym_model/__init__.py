@@ -25,6 +25,13 @@ import importlib
 from typing import Any
 
 _EXPORTS: dict[str, str] = {
+    # LoRA adapter directories
+    "AdapterCheckpoint": "vlmgym_model.adapters",
+    "AdapterError": "vlmgym_model.adapters",
+    "check_base": "vlmgym_model.adapters",
+    "load_adapters": "vlmgym_model.adapters",
+    "model_fingerprint": "vlmgym_model.adapters",
+    "save_adapters": "vlmgym_model.adapters",
     # checkpoints
     "load_model": "vlmgym_model.checkpoint",
     "load_params": "vlmgym_model.checkpoint",
@@ -38,7 +45,10 @@ _EXPORTS: dict[str, str] = {
     "TextConfig": "vlmgym_model.qwen2_5_vl.config",
     "VisionConfig": "vlmgym_model.qwen2_5_vl.config",
     # model
+    "FeaturePlacement": "vlmgym_model.qwen2_5_vl.model",
+    "ImageFeatures": "vlmgym_model.qwen2_5_vl.model",
     "ImageInputs": "vlmgym_model.qwen2_5_vl.model",
+    "image_features": "vlmgym_model.qwen2_5_vl.model",
     "ModelInputs": "vlmgym_model.qwen2_5_vl.model",
     "Qwen2_5_VLWeights": "vlmgym_model.qwen2_5_vl.model",
     "embed": "vlmgym_model.qwen2_5_vl.model",
@@ -57,6 +67,14 @@ _EXPORTS: dict[str, str] = {
     "token_logprobs": "vlmgym_model.logprobs",
     "einsum": "vlmgym_model.matmul",
     "vision_layout": "vlmgym_model.qwen2_5_vl.vision",
+    # LoRA
+    "LoraConfig": "vlmgym_model.lora",
+    "LoraPair": "vlmgym_model.lora",
+    "LoraWeight": "vlmgym_model.lora",
+    "adapter_specs": "vlmgym_model.lora",
+    "init_adapters": "vlmgym_model.lora",
+    "merge_adapters": "vlmgym_model.lora",
+    "with_adapters": "vlmgym_model.lora",
     # processing
     "Processor": "vlmgym_model.processing",
     "compile_chat_template": "vlmgym_model.chat_template",
@@ -69,6 +87,7 @@ _EXPORTS: dict[str, str] = {
     "Generation": "vlmgym_model.sampling",
     "Sample": "vlmgym_model.sampling",
     "Sampler": "vlmgym_model.sampling",
+    "default_length_buckets": "vlmgym_model.sampling",
     "SamplingParams": "vlmgym_model.sampling",
     # command lines and the host
     "parse_args": "vlmgym_model.cli",
@@ -84,6 +103,7 @@ _EXPORTS: dict[str, str] = {
     "make_mesh": "vlmgym_model.sharding",
     "ParamSpec": "vlmgym_model.weights",
     "abstract_params": "vlmgym_model.weights",
+    "dotted_path": "vlmgym_model.weights",
     "param_shardings": "vlmgym_model.weights",
 }
 

@@ -27,27 +27,15 @@ from jax.sharding import Mesh
 from vlmgym_model.qwen2_5_vl.config import Qwen2_5_VLConfig
 from vlmgym_model.qwen2_5_vl.model import Qwen2_5_VLWeights, param_specs
 from vlmgym_model.sharding import ShardingRules
-from vlmgym_model.weights import ParamSpec, is_spec, param_shardings
+from vlmgym_model.weights import ParamSpec, dotted_path, is_spec, param_shardings
 
 PARAMS_DIR = "params"
-
-
-def _name(path: tuple[Any, ...]) -> str:
-    parts = []
-    for key in path:
-        if isinstance(key, jax.tree_util.GetAttrKey):
-            parts.append(key.name)
-        elif isinstance(key, jax.tree_util.DictKey):
-            parts.append(str(key.key))
-        else:
-            parts.append(str(getattr(key, "idx", key)))
-    return ".".join(parts)
 
 
 def flatten_params(tree: Any, is_leaf: Callable[[Any], bool] | None = None) -> dict[str, Any]:
     """A params (or spec) pytree as {dotted name: leaf}."""
     leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
-    return {_name(path): leaf for path, leaf in leaves}
+    return {dotted_path(path): leaf for path, leaf in leaves}
 
 
 def unflatten_params(config: Qwen2_5_VLConfig, flat: dict[str, Any]) -> Qwen2_5_VLWeights:

@@ -26,7 +26,13 @@ import jax.numpy as jnp
 from vlmgym_model.matmul import einsum
 from vlmgym_model.qwen2_5_vl import text
 from vlmgym_model.qwen2_5_vl.config import Qwen2_5_VLConfig
-from vlmgym_model.qwen2_5_vl.model import ModelInputs, Qwen2_5_VLWeights, embed
+from vlmgym_model.qwen2_5_vl.model import (
+    FeaturePlacement,
+    ImageFeatures,
+    ModelInputs,
+    Qwen2_5_VLWeights,
+    embed,
+)
 from vlmgym_model.qwen2_5_vl.rope import mrope_cos_sin
 
 
@@ -140,8 +146,13 @@ def completion_logprobs(
     config: Qwen2_5_VLConfig,
     batch: CompletionInputs,
     statics: CompletionStatics,
+    features: tuple[ImageFeatures, FeaturePlacement] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Per-token log-probs and entropies of the completions: float32[R, N] each."""
+    """Per-token log-probs and entropies of the completions: float32[R, N] each.
+
+    features: the vision tower's output for the prompts' images and where it goes, when it
+    has run already (micro-batches share one run per step; `params.vision` is then unused).
+    """
     prompts = batch.prompts
     xp, deepstack = embed(
         params,
@@ -150,6 +161,8 @@ def completion_logprobs(
         impl=statics.impl,
         remat=statics.remat,
         train_vision=statics.train_vision,
+        features=None if features is None else features[0],
+        placement=None if features is None else features[1],
     )  # [P, T, D]
     xc = text.embed_tokens(params.text, batch.targets)  # [R, N, D]
     rope = (

@@ -40,6 +40,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from vlmgym_model.lora import LoraWeight, lora_einsum
+
 
 def _parse(spec: str) -> tuple[str, str, str]:
     inputs, out = spec.replace(" ", "").split("->")
@@ -133,10 +135,13 @@ def einsum(
       spec: a two-operand einsum spec with an explicit output, e.g. "BTD,DF->BTF"; each
         operand's indices appear in the other operand or the output (a matmul, batched
         or not).
-      x, w: operands of the same floating dtype.
+      x, w: operands of the same floating dtype; `w` may be a `lora.LoraWeight` (a dense
+        spec only), which adds its low-rank path.
       preferred_element_type: `jnp.float32` returns the float32 accumulator itself
         (logits from bf16 operands); None returns x's dtype.
     """
+    if isinstance(w, LoraWeight):  # a frozen weight with LoRA adapters (vlmgym_model.lora)
+        return lora_einsum(spec, x, w, einsum)
     out_dtype = x.dtype if preferred_element_type is None else preferred_element_type
     if x.dtype != w.dtype:
         return jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type)

@@ -90,7 +90,10 @@ def _bucket(n: int, buckets: Sequence[int], what: str) -> int:
     for b in buckets:
         if n <= b:
             return b
-    raise ValueError(f"{what} {n} exceeds the largest bucket {buckets[-1]}")
+    raise ValueError(
+        f"{what} {n} exceeds the largest bucket {buckets[-1]} (the sampler's length_buckets; "
+        "vlmgym-train: --max_prompt_tokens)"
+    )
 
 
 def default_length_buckets(max_len: int = 32_768) -> tuple[int, ...]:

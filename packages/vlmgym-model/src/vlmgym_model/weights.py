@@ -38,6 +38,21 @@ class ParamSpec:
             )
 
 
+def dotted_path(path: tuple[Any, ...]) -> str:
+    """A pytree key path as the checkpoints spell it: "text.layers.q_proj"."""
+    parts = []
+    for key in path:
+        if isinstance(key, jax.tree_util.GetAttrKey):
+            parts.append(key.name)
+        elif isinstance(key, jax.tree_util.DictKey):
+            parts.append(str(key.key))
+        elif isinstance(key, jax.tree_util.SequenceKey):
+            parts.append(str(key.idx))
+        else:
+            parts.append(str(key))
+    return ".".join(parts)
+
+
 def is_spec(x: Any) -> bool:
     return isinstance(x, ParamSpec)
 

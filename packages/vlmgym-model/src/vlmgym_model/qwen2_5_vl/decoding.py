@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import vlmgym_kernels
 
+from vlmgym_model.lora import LoraWeight
 from vlmgym_model.matmul import einsum
 from vlmgym_model.qwen2_5_vl import text
 from vlmgym_model.qwen2_5_vl.config import Qwen2_5_VLConfig
@@ -72,8 +73,19 @@ class DecodeLayer:
     k_norm: jax.Array | None = None  # [H]
 
 
+def _at(w: jax.Array | LoraWeight, i: int) -> jax.Array:
+    """Layer i of a stacked weight; a LoRA weight comes merged (W + scale * A @ B)."""
+    if isinstance(w, LoraWeight):
+        return LoraWeight(w.base[i], w.a[i], w.b[i], w.scale).merged()
+    return w[i]
+
+
 def layers_for_decoding(layers: DecoderLayers) -> tuple[DecodeLayer, ...]:
-    """The layer-stacked weights as one `DecodeLayer` per layer (copies, made once per call)."""
+    """The layer-stacked weights as one `DecodeLayer` per layer (copies, made once per call).
+
+    LoRA weights are merged into these copies (W + scale * A @ B, one layer at a time), so
+    decoding with adapters costs no more than without.
+    """
 
     def heads_out(w: jax.Array) -> jax.Array:  # [D, N, H] -> [N*H, D]
         return w.reshape(w.shape[0], -1).T
@@ -84,19 +96,19 @@ def layers_for_decoding(layers: DecoderLayers) -> tuple[DecodeLayer, ...]:
     def one(i: int) -> DecodeLayer:
         return DecodeLayer(
             input_norm=layers.input_norm[i],
-            q_proj=heads_out(layers.q_proj[i]),
+            q_proj=heads_out(_at(layers.q_proj, i)),
             q_bias=flat(layers.q_bias, i),
-            k_proj=heads_out(layers.k_proj[i]),
+            k_proj=heads_out(_at(layers.k_proj, i)),
             k_bias=flat(layers.k_bias, i),
-            v_proj=heads_out(layers.v_proj[i]),
+            v_proj=heads_out(_at(layers.v_proj, i)),
             v_bias=flat(layers.v_bias, i),
             q_norm=None if layers.q_norm is None else layers.q_norm[i],
             k_norm=None if layers.k_norm is None else layers.k_norm[i],
-            o_proj=layers.o_proj[i].reshape(-1, layers.o_proj.shape[-1]).T,
+            o_proj=_at(layers.o_proj, i).reshape(-1, layers.o_proj.shape[-1]).T,
             post_norm=layers.post_norm[i],
-            gate_proj=layers.gate_proj[i].T,
-            up_proj=layers.up_proj[i].T,
-            down_proj=layers.down_proj[i].T,
+            gate_proj=_at(layers.gate_proj, i).T,
+            up_proj=_at(layers.up_proj, i).T,
+            down_proj=_at(layers.down_proj, i).T,
         )
 
     return tuple(one(i) for i in range(layers.input_norm.shape[0]))

@@ -198,6 +198,74 @@ def model_inputs(
     return inputs, np.asarray(deltas)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ImageFeatures:
+    """The vision tower's output for a batch's images: what `place_features` writes."""
+
+    merged: jax.Array  # [M, D]: one feature per merged 2x2 patch unit, images concatenated
+    deepstack: jax.Array | None = None  # [k, M, D]: Qwen3-VL's DeepStack features
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class FeaturePlacement:
+    """Where features go: (rows[k], cols[k]) receives feature feature_index[k].
+
+    Entries whose row is out of range (>= the batch's rows) are dropped: padding, so that
+    every micro-batch of a step has the same number of entries.
+    """
+
+    rows: jax.Array  # int32[K]
+    cols: jax.Array  # int32[K]
+    feature_index: jax.Array  # int32[K]
+
+    @classmethod
+    def of(cls, images: ImageInputs) -> FeaturePlacement:
+        return cls(images.rows, images.cols, images.feature_index)
+
+
+def image_features(
+    vision_params: VisionWeights,
+    config: Qwen2_5_VLConfig,
+    images: ImageInputs,
+    *,
+    impl: str = "xla",
+    remat: bool = False,
+) -> ImageFeatures:
+    """The vision tower on every image of `images`."""
+    _, merged, deepstack = vision.vision_tower(
+        vision_params,
+        images.pixel_values,
+        images.patch_order,
+        images.unit_inverse,
+        images.patch_positions,
+        images.window_segments,
+        images.image_segments,
+        images.pos_index,
+        images.pos_weight,
+        cfg=config.vision,
+        impl=impl,
+        max_window_len=images.max_window_len,
+        max_image_len=images.max_image_len,
+        remat=remat,
+    )  # [M, D]
+    return ImageFeatures(merged, deepstack)
+
+
+def place_features(
+    x: jax.Array, features: ImageFeatures, placement: FeaturePlacement
+) -> tuple[jax.Array, text.Deepstack | None]:
+    """Token embeddings x [B, T, D] with image features over their placeholders, and the
+    `Deepstack` for the decoder (None without DeepStack)."""
+    picked = features.merged[placement.feature_index]  # [K, D]
+    x = x.at[placement.rows, placement.cols].set(picked.astype(x.dtype), mode="drop")
+    if features.deepstack is None:
+        return x, None
+    deep = features.deepstack[:, placement.feature_index]  # [k, K, D]
+    return x, text.Deepstack(placement.rows, placement.cols, deep)
+
+
 def embed(
     params: Qwen2_5_VLWeights,
     config: Qwen2_5_VLConfig,
@@ -206,6 +274,8 @@ def embed(
     impl: str = "xla",
     remat: bool = False,
     train_vision: bool = True,
+    features: ImageFeatures | None = None,
+    placement: FeaturePlacement | None = None,
 ) -> tuple[jax.Array, text.Deepstack | None]:
     """The decoder's input: token embeddings with the images' features over their
     placeholders, and (Qwen3-VL) the DeepStack features for the first decoder layers.
@@ -213,38 +283,24 @@ def embed(
 
     Tokens are never re-read as image placeholders (`ImageInputs` says where features
     go), so a completion that happens to contain the placeholder id is safe to score.
-    `train_vision=False` stops gradients at the vision tower's weights.
+    `train_vision=False` stops gradients at the vision tower's weights. `features` and
+    `placement` given: the vision tower has already run (training's micro-batches run
+    it once per step) and `inputs.images` is ignored.
 
     Returns:
       [B, T, D] in the embedding's dtype, and the `Deepstack` for `text.decode_layers`
       (None without images or without DeepStack).
     """
     x = text.embed_tokens(params.text, inputs.ids)  # [B, T, D]
+    if features is not None:
+        assert placement is not None, "features need their placement"
+        return place_features(x, features, placement)
     img = inputs.images
     if img is None:
         return x, None
     vision_params = params.vision if train_vision else jax.lax.stop_gradient(params.vision)
-    _, merged, deepstack = vision.vision_tower(
-        vision_params,
-        img.pixel_values,
-        img.patch_order,
-        img.unit_inverse,
-        img.patch_positions,
-        img.window_segments,
-        img.image_segments,
-        img.pos_index,
-        img.pos_weight,
-        cfg=config.vision,
-        impl=impl,
-        max_window_len=img.max_window_len,
-        max_image_len=img.max_image_len,
-        remat=remat,
-    )  # [M, D]
-    features = merged[img.feature_index]  # [K, D]
-    x = x.at[img.rows, img.cols].set(features.astype(x.dtype))
-    if deepstack is None:
-        return x, None
-    return x, text.Deepstack(img.rows, img.cols, deepstack[:, img.feature_index])
+    features = image_features(vision_params, config, img, impl=impl, remat=remat)
+    return place_features(x, features, FeaturePlacement.of(img))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "impl"))

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import vlmgym_kernels
 
+from vlmgym_model.lora import reshape_in
 from vlmgym_model.matmul import einsum
 from vlmgym_model.qwen2_5_vl.config import TextConfig
 from vlmgym_model.qwen2_5_vl.rope import apply_rope
@@ -113,7 +114,7 @@ def add_deepstack(x: jax.Array, deepstack: Deepstack | None, layer: jax.Array) -
     k = deepstack.features.shape[0]
     features = deepstack.features[jnp.minimum(layer, k - 1)]  # [K, D]
     features = jnp.where(layer < k, features, jnp.zeros_like(features)).astype(x.dtype)
-    return x.at[deepstack.rows, deepstack.cols].add(features)
+    return x.at[deepstack.rows, deepstack.cols].add(features, mode="drop")
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -156,7 +157,7 @@ def attention_output(layer: DecoderLayers, attn: jax.Array) -> jax.Array:
     than the same product as a plain matrix multiply at decode shapes.
     """
     B, T, N, H = attn.shape
-    w = layer.o_proj.reshape(N * H, -1)  # [N*H, D]
+    w = reshape_in(layer.o_proj, N * H)  # [N*H, D]
     return einsum("BTE,ED->BTD", attn.reshape(B, T, N * H), w)
 
 

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import vlmgym_kernels
 
+from vlmgym_model.lora import reshape_in, select_out
 from vlmgym_model.matmul import einsum
 from vlmgym_model.qwen2_5_vl.config import VisionConfig
 from vlmgym_model.qwen2_5_vl.rope import apply_rope
@@ -197,9 +198,9 @@ def _attention_qkv(
     layer: VisionBlocks, h: jax.Array, cos: jax.Array, sin: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """h [P, D] -> q, k, v [P, N, H], with the 2D rotary applied to q and k."""
-    q = einsum("PD,DNH->PNH", h, layer.qkv_proj[:, 0]) + layer.qkv_bias[0]  # [P, N, H]
-    k = einsum("PD,DNH->PNH", h, layer.qkv_proj[:, 1]) + layer.qkv_bias[1]  # [P, N, H]
-    v = einsum("PD,DNH->PNH", h, layer.qkv_proj[:, 2]) + layer.qkv_bias[2]  # [P, N, H]
+    q = einsum("PD,DNH->PNH", h, select_out(layer.qkv_proj, 0)) + layer.qkv_bias[0]  # [P, N, H]
+    k = einsum("PD,DNH->PNH", h, select_out(layer.qkv_proj, 1)) + layer.qkv_bias[1]  # [P, N, H]
+    v = einsum("PD,DNH->PNH", h, select_out(layer.qkv_proj, 2)) + layer.qkv_bias[2]  # [P, N, H]
     q = apply_rope(q[None], cos[None], sin[None])[0]
     k = apply_rope(k[None], cos[None], sin[None])[0]
     return q, k, v
@@ -315,7 +316,7 @@ def _block_fn(
         else:
             attn = full_attention(q, k, v)  # [P, N, H]
         P, N, H = attn.shape
-        o_proj = layer.o_proj.reshape(N * H, -1)  # [N*H, E]: one plain matmul (see text.py)
+        o_proj = reshape_in(layer.o_proj, N * H)  # [N*H, E]: one plain matmul (see text.py)
         x = x + einsum("PE,ED->PD", attn.reshape(P, N * H), o_proj) + layer.o_bias
         x = x + _mlp(layer, norm(x, layer.norm2, layer.norm2_bias, eps), cfg.hidden_act)
         return x, None
