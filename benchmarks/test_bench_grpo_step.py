@@ -51,7 +51,7 @@ import vlmgym_envs
 from vlmgym_envs import Env, Observation, StepResult, user_message
 from vlmgym_model import compute_logprobs
 from vlmgym_model.host_malloc import malloc_in_use, tune_glibc_malloc
-from vlmgym_train.batch import Batch
+from vlmgym_train.batch import Batch, place_batch
 from vlmgym_train.config import TrainConfig
 from vlmgym_train.grpo import collect_groups, score_groups, update
 from vlmgym_train.optim import cast_for_compute
@@ -131,7 +131,7 @@ def forward_seconds(trainer: Trainer, batch: Batch) -> float:
     """Wall time of a forward-only log-prob pass over a batch (compiled first, not timed)."""
     statics = trainer.statics
     params = cast_for_compute(trainer.state.params, trainer.compute_dtype)
-    placed = trainer.setup.place(batch).inputs
+    placed = place_batch(batch, trainer._place).inputs
 
     def run() -> None:
         jax.block_until_ready(

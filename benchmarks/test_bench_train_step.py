@@ -33,7 +33,7 @@ import time
 import jax
 import pytest
 from vlmgym_model import compute_logprobs
-from vlmgym_train.batch import Batch
+from vlmgym_train.batch import Batch, place_batch
 from vlmgym_train.config import TrainConfig
 from vlmgym_train.grpo import collect_groups, score_groups, update
 from vlmgym_train.optim import cast_for_compute
@@ -62,7 +62,7 @@ def _logprob_seconds(trainer: Trainer, batch: Batch) -> float:
     """Wall time of a forward-only log-prob pass over the step's batch (compiled already)."""
     statics = trainer.statics
     params = cast_for_compute(trainer.state.params, trainer.compute_dtype)
-    inputs = trainer.setup.place(batch).inputs
+    inputs = place_batch(batch, trainer._place).inputs
 
     def run() -> None:
         jax.block_until_ready(

@@ -24,13 +24,15 @@ import jax
 import numpy as np
 import pytest
 from vlmgym_envs import Env, Observation, StepResult, user_message
-from vlmgym_model import CompletionStatics, Processor, load_model
+from vlmgym_model import CompletionStatics, Processor, load_model, param_specs
+from vlmgym_model.lora import LoraConfig, init_adapters
 from vlmgym_model.sampling import Sampler, SamplingParams
 from vlmgym_train.advantages import grpo
 from vlmgym_train.batch import Batch, build_batch
 from vlmgym_train.checkpointing import TrainState
 from vlmgym_train.grpo import train_step
 from vlmgym_train.losses import LossConfig
+from vlmgym_train.microbatch import PolicyView, micro_logprobs, split_micro
 from vlmgym_train.optim import OptimConfig, make_optimizer
 from vlmgym_train.rollout import run_groups
 
@@ -95,7 +97,7 @@ def test_three_grpo_steps(loss: str, impl: str, real_dirs, real_batch) -> None:
             statics=statics,
             loss_name=loss,
             loss_cfg=loss_cfg,
-            compute_dtype=jax.numpy.float32,
+            view=PolicyView(jax.numpy.float32),
         ),
         donate_argnums=(0,),
     )
@@ -104,7 +106,7 @@ def test_three_grpo_steps(loss: str, impl: str, real_dirs, real_batch) -> None:
     losses = []
     for i in range(3):
         before = np.asarray(state.params.text.layers.q_proj[0, :8, 0, :8])
-        state, metrics = step(state, batch)
+        state, metrics = step(state, split_micro(batch, None))
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         assert np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]), (i, m)
         assert m["skipped"] == 0.0 and m["grad_norm"] > 0.0, (i, m)
@@ -115,3 +117,40 @@ def test_three_grpo_steps(loss: str, impl: str, real_dirs, real_batch) -> None:
     # metrics["loss"] is the loss before each update: each update lowered it on this batch.
     assert losses[1] < losses[0] and losses[2] < losses[1], losses
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+
+
+def test_lora_steps_in_micro_batches(real_dirs, real_batch, tol) -> None:
+    """LoRA (r=8 on attention and MLP; fp32 base for the exact checks) with micro-batches
+    of 2 rows: step 0 is the base model (the sampler's log-probs), three
+    updates lower the loss, and the micro-batched update equals the whole-batch one."""
+    config, batch = real_batch
+    _, base = load_model(real_dirs.model_dir, dtype=jax.numpy.float32)
+    lora = LoraConfig(rank=8, alpha=16)
+    adapters = init_adapters(param_specs(config), lora, jax.random.key(0))
+    view = PolicyView(jax.numpy.float32, lora)
+    statics = CompletionStatics()
+    logp = micro_logprobs(view, adapters, base, split_micro(batch, 2), config=config,
+                          statics=statics)  # fmt: skip
+    m = np.asarray(batch.mask) > 0
+    np.testing.assert_allclose(np.asarray(logp)[m], batch.old_logp[m], atol=tol["float32"])
+    tx = make_optimizer(OptimConfig(lr=1e-4, max_grad_norm=1.0))
+    step = jax.jit(
+        functools.partial(
+            train_step, tx=tx, config=config, statics=statics, loss_name="ppo_clip",
+            loss_cfg=LossConfig(clip_low=0.2, clip_high=0.28), view=view,
+        )
+    )  # fmt: skip
+    state = TrainState.create(adapters, tx)
+    whole, _ = step(state, split_micro(batch, None), base)
+    losses = []
+    for i in range(3):
+        state, metrics = step(state, split_micro(batch, 2), base)
+        m_ = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        assert np.isfinite(m_["loss"]) and m_["skipped"] == 0.0 and m_["grad_norm"] > 0, m_
+        losses.append(m_["loss"])
+        if i == 0:
+            diffs = jax.tree.map(
+                lambda a, b: float(np.abs(a - b).max()), whole.params, state.params
+            )
+            assert max(jax.tree.leaves(diffs)) <= 1e-5, diffs
+    assert losses[1] < losses[0] and losses[2] < losses[1], losses

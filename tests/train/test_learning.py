@@ -11,14 +11,17 @@ import pytest
 from vlmgym_envs.shapes import ShapesEnv
 
 
-@pytest.mark.parametrize("family", ["qwen3_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen2_5_vl", "qwen3_vl+lora"])
 def test_default_run_learns(tmp_path, family):
-    """The default run (the tiny Qwen3-VL preset), and the same run with the tiny Qwen2.5-VL
-    preset (--preset_family)."""
+    """The default run (the tiny Qwen3-VL preset), the same run with the tiny Qwen2.5-VL
+    preset (--preset_family), and with LoRA (--lora_rank 8: adapters on the decoder's
+    attention and MLP, the preset's embeddings trained whole, lr 3e-3, the base frozen)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     argv = [sys.executable, "-m", "vlmgym_train.cli", f"--save_dir={tmp_path}", "--progress=false"]
-    if family != "qwen3_vl":
+    if family == "qwen2_5_vl":
         argv.append(f"--preset_family={family}")
+    if family.endswith("+lora"):
+        argv += ["--lora_rank=8", "--micro_batch_size=32"]
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -30,3 +33,5 @@ def test_default_run_learns(tmp_path, family):
     assert last > chance + 0.05, (last, chance)
     assert (tmp_path / "reward.png").stat().st_size > 0
     assert (tmp_path / "final_model" / "params").is_dir()
+    if family.endswith("+lora"):  # the adapters alone, beside the merged model
+        assert (tmp_path / "final_adapters" / "lora.json").is_file()

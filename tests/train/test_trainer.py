@@ -148,7 +148,7 @@ def test_minibatches_keep_rows_aligned_with_their_reference(tmp_path, minibatche
     assert abs(metrics["ratio/mean"] - 1.0) < 1e-4
     # Minibatches of rows from any prompts, and a second step: one compiled update.
     trainer.step(1)
-    assert trainer.setup.update_fn._cache_size() == 1
+    assert trainer.step_fn._cache_size() == 1
     # --save_interval counts steps; checkpoints are numbered by optimizer updates.
     trainer.save(1)
     trainer.save(2)

@@ -220,6 +220,16 @@ class TrainCheckpointer:
             )
         )
 
+    def read_meta(self, step: int | None = None) -> dict[str, Any]:
+        """The JSON saved with checkpoint `step` (default: the latest), without its arrays."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+        restored = self._manager.restore(
+            step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore())
+        )
+        return dict(restored.meta)
+
     def restore(self, step: int | None = None, *, abstract_state: PyTree) -> RestoredCheckpoint:
         """Read checkpoint `step` (default: the latest complete one) into `abstract_state`.
 

@@ -17,6 +17,8 @@ def main(argv: Sequence[str] | None = None, *, tune_malloc: bool = False) -> int
         tune_for_checkpoint(cfg.model_dir)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("vlmgym_train").setLevel(logging.INFO)
+    if cfg.run.plan:
+        return plan(cfg)
     from vlmgym_train.trainer import Trainer, TrainingError
 
     try:
@@ -50,6 +52,46 @@ def main(argv: Sequence[str] | None = None, *, tune_malloc: bool = False) -> int
         file=sys.stderr,
     )
     return 0
+
+
+def plan(cfg: TrainConfig) -> int:
+    """`--plan`: the run's per-device memory from compiled programs (vlmgym_train.plan)."""
+    simulate_cpu_devices(cfg.mesh.data * max(cfg.mesh.fsdp, 1) * cfg.mesh.tensor)
+    from vlmgym_train.plan import format_plan, plan_memory, write_plan
+
+    try:
+        result = plan_memory(
+            cfg,
+            max_prompt_tokens=cfg.rollout.max_prompt_tokens or 512,
+            image_size=cfg.run.plan_image_size,
+        )
+    except (FileNotFoundError, ValueError) as err:
+        print(f"vlmgym-train: error: {err}", file=sys.stderr)
+        return 2
+    print(format_plan(result))
+    path = write_plan(result, cfg.run.save_dir or ".")
+    print(f"vlmgym-train: wrote {path}", file=sys.stderr)
+    return 0
+
+
+def simulate_cpu_devices(count: int) -> None:
+    """Before JAX starts its CPU backend: give it `count` devices, when this machine has no
+    accelerator and the mesh asks for more than one (a plan of a pod, made on a laptop)."""
+    import os
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    if count <= 1 or "xla_force_host_platform_device_count" in flags:
+        return
+    if os.environ.get("JAX_PLATFORMS", "cpu") not in ("", "cpu") or _has_accelerator():
+        return
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+
+
+def _has_accelerator() -> bool:
+    import importlib.util
+
+    return any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin",
+                                                        "libtpu"))  # fmt: skip
 
 
 def run() -> int:

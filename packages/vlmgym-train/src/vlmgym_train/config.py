@@ -24,7 +24,7 @@ import inspect
 import json
 from typing import Any, Literal
 
-from vlmgym_model import CompletionStatics, flag
+from vlmgym_model import CompletionStatics, LoraConfig, flag
 
 from vlmgym_train.advantages import ADVANTAGES
 from vlmgym_train.losses import AGGREGATIONS, LOSSES, LossConfig
@@ -35,6 +35,14 @@ from vlmgym_train.optim import OptimConfig
 # decides); at 1e-3 the last-20-step mean reward of seeds 0-4 is 0.91, 0.96, 0.88, 0.92,
 # 0.91 for the Qwen3-VL preset (the default) and 0.87, 0.87, 0.76, 0.69, 0.87 for Qwen2.5-VL.
 PRESET_LR = 1e-3
+# LoRA's defaults: about 3-10x full fine-tuning's rate, as is usual for adapters
+PRESET_LORA_LR = 3e-3
+LORA_LR = 1e-5
+# The tiny preset's tied embeddings are random at scale 0.02: every logit stays within about
+# +-64 * 0.02 = 1.3 unless they train, so LoRA on it trains them whole too (a pretrained
+# model's output layer needs no such help).
+PRESET_LORA_TARGETS = "attention,mlp,embed"
+DEFAULT_LORA_TARGETS = "attention,mlp"
 
 
 def _at_least_one(section: Any, *names: str) -> None:
@@ -65,6 +73,11 @@ class RolloutSection:
     top_k: int = flag(0, "top-k when sampling (0 = off)")
     top_p: float = flag(1.0, "nucleus mass when sampling (1 = off)")
     max_turns: int = flag(1, "turn limit for multi-turn environments")
+    max_prompt_tokens: int | None = flag(
+        None,
+        "the longest prompt allowed, in tokens (a longer one is an error; prompts are never "
+        "cut); --plan's prompt length (default there: 512)",
+    )
     rollout_chunks: int = flag(
         1, "generate each turn in this many calls, scoring one while the next decodes"
     )
@@ -192,7 +205,9 @@ class OptimSection:
 
     optimizer: Literal["adamw", "adafactor"] = flag("adamw", "optimizer")
     lr: float | None = flag(
-        None, "peak learning rate (default: 1e-3 for the tiny preset, 1e-6 with --model_dir)"
+        None,
+        "peak learning rate (default: 1e-3 for the tiny preset, 1e-6 with --model_dir; with "
+        "LoRA 3e-3 and 1e-5)",
     )
     warmup_steps: int = flag(5, "linear warmup steps")
     schedule: Literal["constant", "cosine"] = flag("constant", "schedule after warmup")
@@ -206,11 +221,51 @@ class OptimSection:
     )
     logprob_chunk: int = flag(1024, "tokens per chunk of [chunk, V] logits in the loss")
     attention_impl: str = flag("xla", "attention implementation (see vlmgym_kernels)")
+    micro_batch_size: int | None = flag(
+        None,
+        "rows per forward/backward pass; gradients accumulate over the micro-batches of an "
+        "update, so peak memory follows this, not the batch (default: the whole minibatch)",
+    )
+    lora_rank: int | None = flag(None, "LoRA rank: train adapters on a frozen base (default: off)")
+    lora_alpha: float | None = flag(None, "LoRA alpha; scale = alpha / rank (default: 2 x rank)")
+    lora_targets: str = flag(
+        DEFAULT_LORA_TARGETS,
+        "comma-separated LoRA targets: q_proj k_proj v_proj o_proj gate_proj up_proj "
+        "down_proj, vision.qkv_proj vision.o_proj vision.gate_proj vision.up_proj "
+        "vision.down_proj, the groups attention, mlp, vision, all (every projection), and "
+        "embed, lm_head (trained whole, PEFT's modules_to_save); the tiny preset adds embed",
+    )
+    update_rounding: Literal["nearest", "stochastic"] = flag(
+        "nearest",
+        "how bfloat16 params take an update: nearest (updates below half a bf16 ulp are "
+        "lost) or stochastic (unbiased rounding: small updates land on average)",
+    )
+    mu_dtype: Literal["float32", "bfloat16"] | None = flag(
+        None, "dtype of AdamW's first moment (default: the params' dtype)"
+    )
 
     def __post_init__(self) -> None:
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         _at_least_one(self, "logprob_chunk")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError(f"--micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        if self.lora_rank is not None:
+            self.lora_config()  # checks rank, alpha and targets
+        _one_of(self, "update_rounding", ("nearest", "stochastic"))
+
+    def lora_config(self) -> LoraConfig | None:
+        """The LoRA settings, or None for full fine-tuning."""
+        if self.lora_rank is None:
+            return None
+        if self.lora_rank <= 0:
+            raise ValueError(f"--lora_rank must be a positive integer, got {self.lora_rank}")
+        alpha = 2.0 * self.lora_rank if self.lora_alpha is None else self.lora_alpha
+        targets = tuple(t for t in self.lora_targets.split(",") if t.strip())
+        try:
+            return LoraConfig(rank=self.lora_rank, alpha=alpha, targets=targets)
+        except ValueError as err:
+            raise ValueError(f"--lora_*: {err}") from None
 
     def completion_statics(self) -> CompletionStatics:
         """How the log-prob pass runs (in the update and the reference pass)."""
@@ -232,6 +287,8 @@ class OptimSection:
             total_steps=total_updates,
             weight_decay=self.weight_decay,
             max_grad_norm=self.max_grad_norm,
+            mu_dtype=self.mu_dtype,
+            update_rounding=self.update_rounding,
         )
 
 
@@ -267,9 +324,18 @@ class RunSection:
     progress: bool = flag(True, "show a progress bar")
 
     max_nan_steps: int = flag(3, "consecutive non-finite steps before the run stops")
+    plan: bool = flag(
+        False,
+        "compile the training step and the sampler on abstract shapes (no weights read), "
+        "print per-device peak memory, write plan.json into --save_dir (or .) and exit",
+    )
+    plan_image_size: int = flag(448, "--plan: the side in pixels of each prompt's square image")
 
     def __post_init__(self) -> None:
-        _at_least_one(self, "total_steps", "save_interval", "keep_checkpoints", "max_nan_steps")
+        _at_least_one(
+            self, "total_steps", "save_interval", "keep_checkpoints", "max_nan_steps",
+            "plan_image_size",
+        )  # fmt: skip
         if self.resume and not self.save_dir:
             raise ValueError("--resume needs --save_dir (the run to continue)")
         if self.test_interval and not self.test_env_name:
@@ -309,6 +375,12 @@ class TrainConfig:
             raise ValueError(
                 f"--minibatches {algorithm.minibatches} must divide groups_per_batch * "
                 f"group_size = {rows}"
+            )
+        micro = self.optim.micro_batch_size
+        if micro is not None and rollout.max_turns == 1 and (rows // algorithm.minibatches) % micro:
+            raise ValueError(
+                f"--micro_batch_size {micro} must divide the rows of an update: "
+                f"groups_per_batch * group_size / minibatches = {rows // algorithm.minibatches}"
             )
         if algorithm.advantage == "rloo" and rollout.group_size < 2:
             raise ValueError("--advantage rloo needs --group_size >= 2")
@@ -351,9 +423,17 @@ class TrainConfig:
     def resolved(self) -> TrainConfig:
         """This config with the defaults that depend on the model filled in."""
         preset = self.model_dir is None
-        lr = self.optim.lr if self.optim.lr is not None else (PRESET_LR if preset else 1e-6)
+        lora = self.optim.lora_rank is not None
+        default_lr = {
+            (True, False): PRESET_LR, (False, False): 1e-6,
+            (True, True): PRESET_LORA_LR, (False, True): LORA_LR,
+        }[(preset, lora)]  # fmt: skip
+        lr = self.optim.lr if self.optim.lr is not None else default_lr
         tokens = self.rollout.num_generation_tokens or (2 if preset else 256)
-        return self.replace(lr=lr, num_generation_tokens=tokens)
+        targets = self.optim.lora_targets
+        if preset and lora and targets == DEFAULT_LORA_TARGETS:
+            targets = PRESET_LORA_TARGETS
+        return self.replace(lr=lr, num_generation_tokens=tokens, lora_targets=targets)
 
     @property
     def updates_per_step(self) -> int:

@@ -32,28 +32,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from vlmgym_envs import Env
-from vlmgym_model import (
-    CompletionStatics,
-    Qwen2_5_VLConfig,
-    Sampler,
-    SamplingParams,
-    completion_logprobs,
-)
+from vlmgym_model import CompletionStatics, Qwen2_5_VLConfig, Sampler, SamplingParams
 
 from vlmgym_train import distributed
 from vlmgym_train.advantages import dynamic_sampling_mask
 from vlmgym_train.batch import Batch, build_batch, slice_rows
 from vlmgym_train.checkpointing import TrainState
 from vlmgym_train.config import TrainConfig
-from vlmgym_train.losses import (
-    LossConfig,
-    LossInputs,
-    get_loss,
-    mask_truncated,
-    overlong_penalty,
-)
+from vlmgym_train.losses import LossConfig, get_loss, mask_truncated, overlong_penalty
 from vlmgym_train.metrics_log import mean_info
-from vlmgym_train.optim import apply_if_finite, cast_for_compute
+from vlmgym_train.microbatch import MicroBatches, PolicyView, micro_gradients, split_micro
+from vlmgym_train.optim import apply_if_finite
 from vlmgym_train.rollout import Trajectory, TurnRows, gather_round, merge_rounds, run_groups
 
 
@@ -79,11 +68,12 @@ class DataOrder:
 class StepSetup:
     """Everything a step reads besides the train state (built once by the `Trainer`).
 
-    update_fn: the jitted `train_step` for this run's model, loss and optimizer.
-    place: puts a host `Batch` on the mesh (rows split over the batch axes).
+    update_fn: the jitted `train_step` for this run's model, loss and optimizer (the frozen
+      base weights bound with LoRA).
+    place: puts host `MicroBatches` on the mesh (rows split over the batch axes).
     rollout_params: the params the sampler reads, from the current state.
-    ref_logprobs: float32[R, N] log-probs of a placed batch under the reference policy,
-      or None without a KL term.
+    ref_logprobs: float32[R, N] log-probs of placed micro-batches under the reference
+      policy, or None without a KL term.
     """
 
     cfg: TrainConfig
@@ -93,10 +83,10 @@ class StepSetup:
     model_config: Qwen2_5_VLConfig
     data: DataOrder
     advantage_fn: Callable[[jax.Array], jax.Array]
-    update_fn: Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]
-    place: Callable[[Batch], Batch]
+    update_fn: Callable[[TrainState, MicroBatches], tuple[TrainState, dict[str, jax.Array]]]
+    place: Callable[[MicroBatches], MicroBatches]
     rollout_params: Callable[[TrainState], Any]
-    ref_logprobs: Callable[[Batch], jax.Array] | None = None
+    ref_logprobs: Callable[[MicroBatches], jax.Array] | None = None
 
 
 @dataclasses.dataclass
@@ -117,7 +107,8 @@ def grpo_step(setup: StepSetup, state: TrainState, step: int) -> tuple[TrainStat
     rollouts.stats["time/rollout_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     if setup.ref_logprobs is not None:
-        ref = setup.ref_logprobs(setup.place(batch))
+        micro = split_micro(batch, setup.cfg.optim.micro_batch_size)
+        ref = setup.ref_logprobs(setup.place(micro))
         batch = dataclasses.replace(batch, ref_logp=distributed.to_host(ref))
     rollouts.stats["time/ref_logprob_s"] = time.perf_counter() - t1
     t2 = time.perf_counter()
@@ -239,28 +230,38 @@ def score_groups(
 
 def train_step(
     state: TrainState,
-    batch: Batch,
+    micro: MicroBatches,
+    frozen: Any = None,
     *,
     tx: optax.GradientTransformation,
     config: Qwen2_5_VLConfig,
     statics: CompletionStatics,
     loss_name: str,
     loss_cfg: LossConfig,
-    compute_dtype: Any,
+    view: PolicyView,
+    rounding: str = "nearest",
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer update on one (mini)batch (jit this with the keyword arguments bound)."""
-    loss_fn = get_loss(loss_name)
+    """One optimizer update on one (mini)batch, its gradient accumulated over its
+    micro-batches (jit this with the keyword arguments bound).
 
-    def objective(params: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
-        compute_params = cast_for_compute(params, compute_dtype)
-        logp, entropy = completion_logprobs(compute_params, config, batch.inputs, statics)
-        return loss_fn(LossInputs.from_batch(batch, logp, entropy), loss_cfg)
-
-    (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-    grad_norm = optax.tree.norm(grads)
-    params, opt_state, ok = apply_if_finite(
-        tx, grads, state.opt_state, state.params, loss, grad_norm
+    frozen: the frozen base weights when `view.lora` is set (the state holds the adapters).
+    """
+    grads, metrics = micro_gradients(
+        view,
+        state.params,
+        frozen,
+        micro,
+        config=config,
+        statics=statics,
+        loss_fn=get_loss(loss_name),
+        loss_cfg=loss_cfg,
     )
+    grad_norm = optax.tree.norm(grads)
+    key = jax.random.fold_in(jax.random.key(0x5EED), state.step)  # stochastic rounding
+    params, opt_state, ok = apply_if_finite(
+        tx, grads, state.opt_state, state.params, metrics["loss"], grad_norm,
+        rounding=rounding, key=key,
+    )  # fmt: skip
     metrics = dict(metrics)
     metrics["grad_norm"] = grad_norm
     metrics["skipped"] = (~ok).astype(jnp.float32)
@@ -282,7 +283,8 @@ def update(
         rows = batch.num_rows
         order = rng.permutation(rows) if algorithm.minibatches > 1 else np.arange(rows)
         for rows in np.split(order, algorithm.minibatches):
-            state, m = setup.update_fn(state, setup.place(slice_rows(batch, rows)))
+            micro = split_micro(slice_rows(batch, rows), setup.cfg.optim.micro_batch_size)
+            state, m = setup.update_fn(state, setup.place(micro))
             metrics.append(m)
     return state, jax.device_get(metrics)
 

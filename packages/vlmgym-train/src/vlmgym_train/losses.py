@@ -60,6 +60,27 @@ KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
+class Totals:
+    """Counts over a whole (mini)batch, for a loss evaluated on one micro-batch of it.
+
+    With these as denominators, every aggregation and every metric of a loss is a sum over
+    rows divided by a batch constant, so the loss, its gradient and its metrics over the
+    batch are the sums of those over its micro-batches (`vlmgym_train.microbatch`).
+    """
+
+    tokens: jax.Array  # float32[]: masked tokens
+    rows: jax.Array  # float32[]: rows (empty ones included)
+    nonempty: jax.Array  # float32[]: rows with at least one masked token
+
+    @classmethod
+    def of(cls, mask: ArrayLike) -> Totals:
+        m = jnp.asarray(mask, jnp.float32)
+        lengths = m.sum(axis=-1)
+        return cls(m.sum(), jnp.float32(m.shape[0]), (lengths > 0).sum().astype(jnp.float32))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class LossInputs:
     """Per-token inputs of a policy loss (a pytree: it can cross jit boundaries).
 
@@ -78,6 +99,8 @@ class LossInputs:
                              generation batch) / (number of minibatches), so that every token
                              of the generation batch weighs the same in every update (TRL's
                              "dapo"). None: this batch's own token count, sum(mask).
+    totals: Totals           the whole batch's counts when this is one micro-batch of it
+                             (every mean divides by them); None: this batch's own.
     """
 
     logp: jax.Array
@@ -87,10 +110,15 @@ class LossInputs:
     ref_logp: jax.Array | None = None
     entropy: jax.Array | None = None
     num_tokens: jax.Array | None = None
+    totals: Totals | None = None
 
     @classmethod
     def from_batch(
-        cls, batch: Any, logp: jax.Array, entropy: jax.Array | None = None
+        cls,
+        batch: Any,
+        logp: jax.Array,
+        entropy: jax.Array | None = None,
+        totals: Totals | None = None,
     ) -> LossInputs:
         """The loss's view of a training `vlmgym_train.batch.Batch` and the policy's
         log-probs (and entropies) of its completions."""
@@ -102,6 +130,7 @@ class LossInputs:
             ref_logp=batch.ref_logp,
             entropy=entropy,
             num_tokens=batch.num_tokens,
+            totals=totals,
         )
 
 
@@ -225,6 +254,7 @@ def aggregate(
     max_tokens: int | None = None,
     seq_denominator: SeqDenominator = "nonempty",
     num_tokens: jax.Array | float | None = None,
+    totals: Totals | None = None,
 ) -> jax.Array:
     """Reduce token values float[B, T] to a scalar over `mask` (see `LossConfig.aggregation`).
 
@@ -237,13 +267,16 @@ def aggregate(
     R is the number of rows with a completion token (seq_denominator="nonempty") or B
     ("all"). Rows with an empty mask (dropped groups, masked truncations, batch padding)
     add nothing; they count in R only with "all", and always in `constant`'s B.
+    With `totals` (a micro-batch of a larger batch), N, R and B are the whole batch's.
     """
     m = mask.astype(jnp.float32)
     v = jnp.where(m > 0, values, 0.0) * m  # [B, T]
-    B, T = values.shape
+    T = values.shape[1]
+    own = Totals.of(m) if totals is None else totals
+    B = own.rows
     budget = max_tokens if max_tokens is not None else T
     if mode == "token_mean":
-        count = m.sum() if num_tokens is None else jnp.asarray(num_tokens, jnp.float32)
+        count = own.tokens if num_tokens is None else jnp.asarray(num_tokens, jnp.float32)
         return v.sum() / jnp.maximum(count, 1.0)
     if mode in ("seq_mean", "seq_sum"):
         lengths = m.sum(axis=1)  # [B]
@@ -251,9 +284,9 @@ def aggregate(
         if mode == "seq_mean":
             per_seq = per_seq / jnp.maximum(lengths, 1.0)  # [B]
         if seq_denominator == "all":
-            return per_seq.sum() / max(B, 1)
+            return per_seq.sum() / jnp.maximum(B, 1.0)
         if seq_denominator == "nonempty":
-            return per_seq.sum() / jnp.maximum((lengths > 0).sum(), 1)
+            return per_seq.sum() / jnp.maximum(own.nonempty, 1.0)
         raise ValueError(
             f"seq_denominator must be one of {SEQ_DENOMINATORS}, got {seq_denominator!r}"
         )
@@ -264,9 +297,10 @@ def aggregate(
     raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {mode!r}")
 
 
-def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
-    """sum(M * v) / max(sum(M), 1) over all tokens; values outside the mask are ignored."""
-    return aggregate(values, mask, "token_mean")
+def masked_mean(values: jax.Array, mask: jax.Array, totals: Totals | None = None) -> jax.Array:
+    """sum(M * v) / max(sum(M), 1) over all tokens; values outside the mask are ignored.
+    With `totals`, divided by the whole batch's token count instead."""
+    return aggregate(values, mask, "token_mean", totals=totals)
 
 
 def kl_penalty(logp: jax.Array, ref_logp: jax.Array, estimator: KLEstimator) -> jax.Array:
@@ -318,7 +352,9 @@ def _finish(
         max_tokens=config.max_tokens,
         seq_denominator=config.seq_denominator,
         num_tokens=batch.num_tokens,
+        totals=batch.totals,
     )
+    totals = batch.totals
     pg_loss = aggregate(pg, batch.mask, **agg)
     loss = pg_loss
     metrics = dict(metrics)
@@ -327,7 +363,7 @@ def _finish(
         d_logp = jnp.where(m, batch.logp, 0.0)
         d_ref = jnp.where(m, batch.ref_logp, 0.0)
         kl = kl_penalty(d_logp, d_ref, config.kl_estimator)  # [B, T]
-        metrics["kl/ref"] = masked_mean(kl, batch.mask)
+        metrics["kl/ref"] = masked_mean(kl, batch.mask, totals)
         if config.kl_ratio:
             kl = kl * kl_weight  # [B, T]
         kl_loss = aggregate(kl, batch.mask, **agg)
@@ -339,32 +375,32 @@ def _finish(
     if batch.entropy is not None:
         ent = jnp.where(m, batch.entropy, 0.0)
         if config.entropy_aggregation == "token_mean":
-            ent_agg = masked_mean(ent, batch.mask)
+            ent_agg = masked_mean(ent, batch.mask, totals)
         else:
             ent_agg = aggregate(ent, batch.mask, **agg)
-        metrics["entropy"] = masked_mean(ent, batch.mask)
+        metrics["entropy"] = masked_mean(ent, batch.mask, totals)
         if config.entropy_coef > 0:
             loss = loss - config.entropy_coef * ent_agg
             metrics["loss/entropy"] = ent_agg
     elif config.entropy_coef > 0:
         raise ValueError("entropy_coef > 0 needs LossInputs.entropy (token entropies)")
     # KL(behaviour || current) from behaviour samples, k3 with r = pi_theta / pi_old.
-    metrics["kl/behaviour"] = masked_mean(jnp.expm1(log_ratio) - log_ratio, batch.mask)
-    metrics["ratio/mean"] = masked_mean(jnp.exp(log_ratio), batch.mask)
+    metrics["kl/behaviour"] = masked_mean(jnp.expm1(log_ratio) - log_ratio, batch.mask, totals)
+    metrics["ratio/mean"] = masked_mean(jnp.exp(log_ratio), batch.mask, totals)
     metrics["tokens"] = batch.mask.astype(jnp.float32).sum()
     metrics["loss"] = loss
     return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
 
 
 def _clip_fractions(
-    ratio: jax.Array, adv: jax.Array, mask: jax.Array, config: LossConfig
+    ratio: jax.Array, adv: jax.Array, batch: LossInputs, config: LossConfig
 ) -> dict[str, jax.Array]:
     """Fractions of masked tokens where the clipped branch is active (zero gradient)."""
     low = (ratio < 1.0 - config.clip_low) & (adv < 0)
     high = (ratio > 1.0 + config.clip_high) & (adv > 0)
     return {
-        "clip_frac/low": masked_mean(low.astype(jnp.float32), mask),
-        "clip_frac/high": masked_mean(high.astype(jnp.float32), mask),
+        "clip_frac/low": masked_mean(low.astype(jnp.float32), batch.mask, batch.totals),
+        "clip_frac/high": masked_mean(high.astype(jnp.float32), batch.mask, batch.totals),
     }
 
 
@@ -404,7 +440,7 @@ def ppo_clip(batch: LossInputs, config: LossConfig) -> tuple[jax.Array, dict[str
     ratio = jnp.exp(log_ratio)  # [B, T]
     adv = batch.advantages.astype(jnp.float32)[:, None]  # [B, 1]
     pg = _clipped_objective(ratio, adv, config)  # [B, T]
-    metrics = _clip_fractions(ratio, adv, batch.mask, config)
+    metrics = _clip_fractions(ratio, adv, batch, config)
     return _finish(pg, log_ratio, batch, config, metrics, kl_weight=ratio)
 
 
@@ -437,10 +473,11 @@ def gspo(batch: LossInputs, config: LossConfig) -> tuple[jax.Array, dict[str, ja
     ratio = jnp.exp(jax.lax.stop_gradient(seq_log_ratio)[:, None] + token_grad)  # [B, T]
     adv = batch.advantages.astype(jnp.float32)[:, None]  # [B, 1]
     pg = _clipped_objective(ratio, adv, config)  # [B, T]
-    metrics = _clip_fractions(ratio, adv, batch.mask, config)
+    metrics = _clip_fractions(ratio, adv, batch, config)
     seq_ratio = jnp.exp(seq_log_ratio)  # [B]
+    nonempty = (lengths > 0).sum() if batch.totals is None else batch.totals.nonempty
     metrics["ratio/seq_mean"] = jnp.where(lengths > 0, seq_ratio, 0.0).sum() / jnp.maximum(
-        (lengths > 0).sum(), 1
+        nonempty, 1
     )
     return _finish(pg, log_ratio, batch, config, metrics, kl_weight=seq_ratio[:, None])
 

@@ -40,6 +40,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import optax
+from vlmgym_model import dotted_path
 
 PyTree = Any
 Trainable = PyTree | Callable[[PyTree], PyTree]
@@ -66,7 +67,13 @@ class OptimConfig:
     b1, b2, eps: Adam moments' decay rates and epsilon (Adafactor uses b1 as its momentum
         when > 0 and b2 as its second-moment decay; `adafactor_momentum=False` drops b1).
     max_grad_norm: clip gradients to this global norm (over trainable leaves); None = off.
-    mu_dtype: dtype of AdamW's first moment (None = the params' dtype).
+    mu_dtype: dtype of AdamW's first moment (None = float32).
+    update_rounding: how low-precision (bf16) params take an update (`apply_updates`):
+        "nearest" or "stochastic".
+
+    Optimizer statistics are float32 whatever the params' dtype: gradients are cast to
+    float32 before the optimizer (bf16 params keep fp32 moments, or Adafactor's factored
+    fp32 statistics), and only the final update is rounded to the params' dtype.
     """
 
     optimizer: Literal["adamw", "adafactor"] = "adamw"
@@ -83,6 +90,7 @@ class OptimConfig:
     max_grad_norm: float | None = 1.0
     mu_dtype: str | None = None
     adafactor_momentum: bool = False
+    update_rounding: Literal["nearest", "stochastic"] = "nearest"
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("adamw", "adafactor"):
@@ -107,6 +115,10 @@ class OptimConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not (0.0 <= self.b1 < 1.0 and 0.0 <= self.b2 < 1.0):
             raise ValueError(f"b1 and b2 must be in [0, 1), got {self.b1}, {self.b2}")
+        if self.update_rounding not in ("nearest", "stochastic"):
+            raise ValueError(
+                f"update_rounding must be 'nearest' or 'stochastic', got {self.update_rounding!r}"
+            )
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be positive or None, got {self.max_grad_norm}")
 
@@ -152,7 +164,7 @@ def _base_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
             eps=cfg.eps,
             weight_decay=cfg.weight_decay,
             mask=mask,
-            mu_dtype=jnp.dtype(cfg.mu_dtype) if cfg.mu_dtype else None,
+            mu_dtype=jnp.dtype(cfg.mu_dtype) if cfg.mu_dtype else jnp.float32,
         )
     return optax.adafactor(
         learning_rate=schedule,
@@ -163,6 +175,23 @@ def _base_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
         weight_decay_rate=cfg.weight_decay or None,
         weight_decay_mask=mask,
     )
+
+
+def _in_float32(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`tx` with float32 gradients, params and statistics, whatever the params' dtype."""
+
+    def up(tree: PyTree) -> PyTree:
+        return cast_for_compute(tree, jnp.float32)
+
+    def init(params: PyTree) -> optax.OptState:
+        return tx.init(up(params))
+
+    def update(
+        updates: PyTree, state: optax.OptState, params: PyTree | None = None
+    ) -> tuple[PyTree, optax.OptState]:
+        return tx.update(up(updates), state, None if params is None else up(params))
+
+    return optax.GradientTransformation(init, update)
 
 
 def make_optimizer(
@@ -182,6 +211,7 @@ def make_optimizer(
     train = _base_optimizer(cfg)
     if cfg.max_grad_norm is not None:
         train = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), train)
+    train = _in_float32(train)
     if trainable is None:
         return train
     if params is not None and not callable(trainable):
@@ -199,20 +229,6 @@ def make_optimizer(
     return optax.multi_transform({"train": train, "freeze": optax.set_to_zero()}, labels)
 
 
-def _dotted(path: tuple[Any, ...]) -> str:
-    parts = []
-    for key in path:
-        if isinstance(key, jax.tree_util.GetAttrKey):
-            parts.append(key.name)
-        elif isinstance(key, jax.tree_util.DictKey):
-            parts.append(str(key.key))
-        elif isinstance(key, jax.tree_util.SequenceKey):
-            parts.append(str(key.idx))
-        else:
-            parts.append(str(key))
-    return ".".join(parts)
-
-
 def trainable_by_name(params: PyTree, frozen: Iterable[str]) -> PyTree:
     """A pytree of bools: False for leaves whose dotted path matches one of `frozen`.
 
@@ -222,7 +238,7 @@ def trainable_by_name(params: PyTree, frozen: Iterable[str]) -> PyTree:
     """
     patterns = [re.compile(rf"(?:{p})(?:\.|$)") for p in frozen]
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    flags = [not any(pat.match(_dotted(path)) for pat in patterns) for path, _ in flat]
+    flags = [not any(pat.match(dotted_path(path)) for pat in patterns) for path, _ in flat]
     return jax.tree.unflatten(treedef, flags)
 
 
@@ -257,6 +273,37 @@ def is_finite(loss: jax.Array, grads: PyTree, grad_norm: jax.Array | None = None
     return jnp.isfinite(loss).all() & jnp.isfinite(grad_norm)
 
 
+def stochastic_round(x: jax.Array, key: jax.Array) -> jax.Array:
+    """float32 -> bfloat16, rounded up with probability equal to the dropped fraction:
+    E[stochastic_round(x)] = x, so updates far below half a bf16 ulp still move a weight
+    on average. Adds 16 random bits below bf16's last mantissa bit and truncates."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    noise = jax.random.bits(key, x.shape, jnp.uint32) & jnp.uint32(0xFFFF)
+    rounded = (bits + noise) & jnp.uint32(0xFFFF0000)
+    return jax.lax.bitcast_convert_type(rounded, jnp.float32).astype(jnp.bfloat16)
+
+
+def apply_updates(
+    params: PyTree, updates: PyTree, rounding: str = "nearest", key: jax.Array | None = None
+) -> PyTree:
+    """params + updates, in float32, rounded back to each param's dtype: to nearest, or
+    stochastically for bfloat16 params (`rounding="stochastic"`, needs `key`)."""
+    if rounding == "nearest":
+        return optax.apply_updates(params, updates)
+    assert key is not None, "stochastic rounding needs a key"
+    leaves, treedef = jax.tree.flatten(params)
+    keys = list(jax.random.split(key, max(1, len(leaves))))
+
+    def one(p: jax.Array, u: jax.Array) -> jax.Array:
+        k = keys.pop()
+        total = p.astype(jnp.float32) + u.astype(jnp.float32)
+        return stochastic_round(total, k) if p.dtype == jnp.bfloat16 else total.astype(p.dtype)
+
+    return jax.tree.unflatten(
+        treedef, [one(p, u) for p, u in zip(leaves, treedef.flatten_up_to(updates), strict=True)]
+    )
+
+
 def apply_if_finite(
     tx: optax.GradientTransformation,
     grads: PyTree,
@@ -264,21 +311,25 @@ def apply_if_finite(
     params: PyTree,
     loss: jax.Array,
     grad_norm: jax.Array | None = None,
+    *,
+    rounding: str = "nearest",
+    key: jax.Array | None = None,
 ) -> tuple[PyTree, optax.OptState, jax.Array]:
     """One optimizer step, skipped when the loss or a gradient is not finite. Jittable.
 
         ok = is_finite(loss, grads, grad_norm)
         params, opt_state = (apply(tx.update(grads)), new state) if ok else (params, opt_state)
 
-    Returns (params, opt_state, ok). A skipped step leaves the optimizer's step count (and so
-    the learning-rate schedule) where it was; count skips from `ok` in the metrics.
+    `rounding` and `key` go to `apply_updates`. Returns (params, opt_state, ok). A skipped
+    step leaves the optimizer's step count (and so the learning-rate schedule) where it was;
+    count skips from `ok` in the metrics.
     """
     ok = is_finite(loss, grads, grad_norm)
 
     def update(operands: tuple[PyTree, optax.OptState, PyTree]) -> tuple[PyTree, Any]:
         g, s, p = operands
         updates, new_s = tx.update(g, s, p)
-        return optax.apply_updates(p, updates), new_s
+        return apply_updates(p, updates, rounding, key), new_s
 
     def skip(operands: tuple[PyTree, optax.OptState, PyTree]) -> tuple[PyTree, Any]:
         _, s, p = operands

@@ -28,20 +28,26 @@ from vlmgym_model import (
     Sampler,
     SamplingParams,
     ShardingRules,
-    compute_logprobs,
+    adapter_specs,
+    default_length_buckets,
+    init_adapters,
     load_model,
+    merge_adapters,
+    model_fingerprint,
     param_shardings,
     param_specs,
+    save_adapters,
     save_model,
+    with_adapters,
 )
 
 from vlmgym_train import distributed
 from vlmgym_train.advantages import get_advantage
-from vlmgym_train.batch import Batch, place_batch
 from vlmgym_train.checkpointing import TrainCheckpointer, TrainState
 from vlmgym_train.config import TrainConfig
 from vlmgym_train.grpo import DataOrder, StepSetup, grpo_step, train_step
 from vlmgym_train.metrics_log import MetricsLogger, plot_rewards
+from vlmgym_train.microbatch import MicroBatches, PolicyView, micro_logprobs, place_micro
 from vlmgym_train.optim import (
     cast_for_compute,
     make_optimizer,
@@ -54,6 +60,14 @@ log = logging.getLogger("vlmgym_train")
 
 class TrainingError(RuntimeError):
     """The run cannot continue (e.g. repeated non-finite losses); a checkpoint was written."""
+
+
+def prompt_buckets(max_prompt_tokens: int | None) -> tuple[int, ...] | None:
+    """The sampler's prompt length buckets, ending at `max_prompt_tokens` (None: default)."""
+    if max_prompt_tokens is None:
+        return None
+    shorter = tuple(b for b in default_length_buckets() if b < max_prompt_tokens)
+    return (*shorter, max_prompt_tokens)
 
 
 def _dtype(name: str) -> Any:
@@ -87,8 +101,14 @@ class Trainer:
         self.rules = ShardingRules()
         self.param_dtype = _dtype(cfg.optim.param_dtype)
         self.compute_dtype = _dtype(cfg.optim.compute_dtype)
+        self.lora = cfg.optim.lora_config()
+        self.view = PolicyView(self.compute_dtype, self.lora)
+        # With LoRA the base is frozen and kept in the compute dtype; the adapters train.
         self.config, params = load_model(
-            self.model_dir, dtype=self.param_dtype, mesh=self.mesh, rules=self.rules
+            self.model_dir,
+            dtype=self.param_dtype if self.lora is None else self.compute_dtype,
+            mesh=self.mesh,
+            rules=self.rules,
         )
         self.processor = Processor.from_model_dir(self.model_dir)
         self.sampler = Sampler(
@@ -96,11 +116,15 @@ class Trainer:
             self.processor,
             impl=cfg.optim.attention_impl,
             max_pixels=cfg.rollout.vlm_max_pixels,
+            length_buckets=prompt_buckets(cfg.rollout.max_prompt_tokens),
         )
+        self.frozen = None if self.lora is None else params  # LoRA's base weights
+        self.lora_base = self._lora_base()
         self._init_state(params)
-        self.ref_params = (
-            jax.tree.map(jnp.copy, params) if cfg.algorithm.kl_coef > 0 else None
-        )  # frozen reference policy
+        # the frozen reference policy: the initial params (with LoRA: the base itself)
+        self.ref_params = None
+        if cfg.algorithm.kl_coef > 0:
+            self.ref_params = params if self.lora is not None else jax.tree.map(jnp.copy, params)
         del params
         # Checkpoints are numbered by optimizer updates; --save_interval counts steps.
         self.checkpointer = TrainCheckpointer(
@@ -158,13 +182,18 @@ class Trainer:
     def _init_state(self, params: Any) -> None:
         """The optimizer and the train state, laid out on the mesh as the rules say."""
         cfg = self.cfg
-        trainable = (
-            None if cfg.optim.train_vision else (lambda p: trainable_by_name(p, frozen=("vision",)))
-        )
+        trainable = None
+        if not cfg.optim.train_vision and self.lora is None:
+            trainable = lambda p: trainable_by_name(p, frozen=("vision",))  # noqa: E731
         optim = cfg.optim.optim_config(total_updates=cfg.run.total_steps * cfg.updates_per_step)
         self.tx = make_optimizer(optim, trainable=trainable)
         self.lr_schedule = make_schedule(optim)
-        shardings = param_shardings(param_specs(self.config), self.mesh, self.rules)
+        specs = param_specs(self.config)
+        if self.lora is not None:
+            specs = adapter_specs(specs, self.lora)
+            key = jax.random.fold_in(jax.random.key(cfg.seed), 0x10A)
+            params = init_adapters(param_specs(self.config), self.lora, key, base=params)
+        shardings = param_shardings(specs, self.mesh, self.rules)
         self.state = jax.jit(
             lambda p: TrainState.create(p, self.tx),
             in_shardings=(shardings,),
@@ -174,7 +203,26 @@ class Trainer:
         # as the rules say (whole replicas per host), and nothing recompiles on their account.
         self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
 
+    def _lora_base(self) -> dict[str, str] | None:
+        """What a LoRA run's checkpoints record of their base: its directory and fingerprint."""
+        if self.lora is None:
+            return None
+        return {"model_dir": str(self.model_dir), "fingerprint": model_fingerprint(self.model_dir)}
+
     def _resume(self) -> int:
+        saved = (self.checkpointer.read_meta().get("extra") or {}).get("lora_base")
+        if (saved is None) != (self.lora is None):
+            raise ValueError(
+                f"the checkpoints in {self.run_dir} were "
+                f"{'' if saved else 'not '}trained with LoRA; resume with the run's own "
+                "--lora_rank / --lora_targets"
+            )
+        if saved is not None and saved["fingerprint"] != self.lora_base["fingerprint"]:
+            raise ValueError(
+                f"the LoRA run in {self.run_dir} was trained on the base {saved['model_dir']} "
+                f"(fingerprint {saved['fingerprint']}), not {self.model_dir} (fingerprint "
+                f"{self.lora_base['fingerprint']}); resume with the same --model_dir"
+            )
         restored = self.checkpointer.restore(abstract_state=self.state)
         self.state = restored.state
         self.data.position = int(restored.data_position)
@@ -187,7 +235,7 @@ class Trainer:
         # how the log-prob pass runs, in the update and in the reference pass
         self.statics = statics = cfg.optim.completion_statics()
         loss_cfg = cfg.algorithm.loss_config(max_tokens=self.max_new_tokens)
-        update_fn = jax.jit(
+        self.step_fn = step_fn = jax.jit(
             functools.partial(
                 train_step,
                 tx=self.tx,
@@ -195,21 +243,30 @@ class Trainer:
                 statics=statics,
                 loss_name=cfg.algorithm.loss,
                 loss_cfg=loss_cfg,
-                compute_dtype=self.compute_dtype,
+                view=self.view,
+                rounding=cfg.optim.update_rounding,
             ),
             donate_argnums=(0,),
             out_shardings=(self.state_shardings, NamedSharding(self.mesh, PartitionSpec())),
         )
+
+        def update_fn(state: TrainState, micro: MicroBatches) -> Any:
+            return step_fn(state, micro, self.frozen)
+
         ref_logprobs = None
         if self.ref_params is not None:
+            ref_fn = jax.jit(
+                functools.partial(
+                    micro_logprobs,
+                    PolicyView(self.compute_dtype),
+                    config=self.config,
+                    statics=statics,
+                )
+            )
             ref_params = self.ref_params
 
-            def ref_logprobs(batch: Batch) -> jax.Array:
-                params = cast_for_compute(ref_params, self.compute_dtype)
-                logp, _ = compute_logprobs(
-                    params, batch.inputs, config=self.config, statics=statics
-                )
-                return logp
+            def ref_logprobs(micro: MicroBatches) -> jax.Array:
+                return ref_fn(ref_params, None, micro)
 
         return StepSetup(
             cfg=cfg,
@@ -228,7 +285,7 @@ class Trainer:
                 get_advantage(cfg.algorithm.advantage), **cfg.algorithm.advantage_kwargs
             ),
             update_fn=update_fn,
-            place=lambda batch: place_batch(batch, self._place),
+            place=lambda micro: place_micro(micro, self._place),
             rollout_params=self.rollout_params,
             ref_logprobs=ref_logprobs,
         )
@@ -249,7 +306,11 @@ class Trainer:
         process samples on its own devices.
         """
         params = (state or self.state).params
-        if self.compute_dtype != self.param_dtype:
+        if self.lora is not None:  # the adapters on the frozen base, in the compute dtype
+            params = with_adapters(
+                self.frozen, cast_for_compute(params, self.compute_dtype), self.lora
+            )
+        elif self.compute_dtype != self.param_dtype:
             params = cast_for_compute(params, self.compute_dtype)
         return distributed.local_view(params, self.mesh)
 
@@ -314,6 +375,7 @@ class Trainer:
             self.state,
             data_position=self.data.position,
             config=dataclasses.asdict(self.cfg),
+            extra={"lora_base": self.lora_base} if self.lora_base else None,
             force=force,
         )
 
@@ -348,12 +410,14 @@ class Trainer:
             distributed.sync("vlmgym_train:finish")
             return
         final = self.run_dir / "final_model"
+        params = distributed.local_view(self.state.params, self.mesh)
+        if self.lora is not None:  # the adapters alone, and the model with them merged
+            save_adapters(
+                self.run_dir / "final_adapters", params, self.lora, self.model_dir, force=True
+            )
+            params = merge_adapters(self.frozen, params, self.lora)
         save_model(
-            final,
-            self.config,
-            jax.device_get(distributed.local_view(self.state.params, self.mesh)),
-            copy_files_from=self.model_dir,
-            force=True,
+            final, self.config, jax.device_get(params), copy_files_from=self.model_dir, force=True
         )
         if self.logger is not None:
             self.logger.close()
