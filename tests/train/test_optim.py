@@ -194,3 +194,22 @@ def test_apply_if_finite_skips_bad_steps() -> None:
     np.testing.assert_allclose(np.asarray(p2["w"]), 1.0 - 0.05, rtol=1e-5)  # lr / warmup
     _, _, ok = step(good, s1, p1, jnp.float32(jnp.inf))
     assert not bool(ok)
+
+
+def test_stochastic_rounding_is_unbiased_and_lands_small_updates():
+    from vlmgym_train.optim import apply_updates, stochastic_round
+
+    x = jnp.full((200_000,), 1.0 + 2.0**-10, jnp.float32)  # 1/8 of a bf16 ulp above 1
+    rounded = stochastic_round(x, jax.random.key(0)).astype(jnp.float32)
+    assert set(np.unique(np.asarray(rounded))) == {1.0, 1.0 + 2.0**-7}
+    assert abs(float(rounded.mean()) - float(x[0])) < 2e-5  # unbiased
+    # 1e-4 updates on bf16 ones: to nearest they vanish, stochastically they accumulate
+    params = {"w": jnp.ones((4096,), jnp.bfloat16)}
+    updates = {"w": jnp.full((4096,), 1e-4, jnp.float32)}
+    near = stoch = params
+    for i in range(20):
+        near = apply_updates(near, updates)
+        stoch = apply_updates(stoch, updates, "stochastic", jax.random.key(i))
+    assert float(near["w"].astype(jnp.float32).mean()) == 1.0
+    assert abs(float(stoch["w"].astype(jnp.float32).mean()) - 1.002) < 3e-4
+    assert stoch["w"].dtype == jnp.bfloat16
