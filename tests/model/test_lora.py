@@ -115,3 +115,33 @@ def test_bad_settings(kwargs, message):
 def test_unpaired_tensor_is_an_error():
     with pytest.raises(ValueError, match="lacks its b tensor"):
         unflatten_adapters({"text.layers.q_proj.a": np.zeros((1, 2, 2))})
+
+
+def test_decode_layouts_agree_with_adapters(model, tol):
+    """The sampler's two decode layouts (CPU copies with LoRA merged per layer; the stacked
+    weights with LoRA unmerged) sample the same tokens with the same log-probs."""
+    from vlmgym_model import Sampler, SamplingParams
+
+    config, params, (ids, _, pixels, grid) = model
+    cfg = LoraConfig(rank=4, alpha=8, targets=("attention", "mlp"))
+    weights = with_adapters(params, _randomise(init_adapters(param_specs(config), cfg,
+                                                             jax.random.key(5))), cfg)  # fmt: skip
+    sp = SamplingParams(max_new_tokens=6, temperature=1.0, num_samples=2)
+    out = {}
+    for layout in ("copies", "stacked"):
+        sampler = Sampler(config, stop_token_ids=[config.text.vocab_size - 1], decode_layout=layout,
+                          length_buckets=(16,))  # fmt: skip
+        gen = sampler.generate_ids(
+            weights,
+            ids,
+            np.ones_like(ids),
+            sp,
+            jax.random.key(0),
+            pixel_values=pixels,
+            image_grid_thw=grid,
+            decode_text=False,
+        )
+        out[layout] = [s for group in gen.samples for s in group]
+    for a, b in zip(out["copies"], out["stacked"], strict=True):
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=tol["float32"])

@@ -1,7 +1,8 @@
-"""Run in a subprocess with 8 simulated CPU devices: one update, sharded vs single-device.
+"""Run in a subprocess with 8 simulated CPU devices: one update, sharded (in micro-batches of
+4 rows) vs single-device (the whole batch at once).
 
 Usage: python sharded_step.py RUN_ROOT FSDP TENSOR
-Prints `max_param_diff=... loss_diff=... sharded=...`.
+Prints `max_param_diff=... loss_diff=... sharded=... opt_sharded=...`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,11 @@ def main() -> None:
         single = Trainer(TrainConfig.flat(save_dir=f"{root}/single", mesh_fsdp=1, **common))
         sharded = Trainer(
             TrainConfig.flat(
-                save_dir=f"{root}/sharded", mesh_fsdp=fsdp, mesh_tensor=tensor, **common
+                save_dir=f"{root}/sharded",
+                mesh_fsdp=fsdp,
+                mesh_tensor=tensor,
+                micro_batch_size=4,
+                **common,
             )
         )
         # the same rollouts feed both updates
@@ -40,12 +45,14 @@ def main() -> None:
         m_single, m_sharded = jax.tree.map(float, (m_single, m_sharded))
     leaves = jax.tree.leaves(sharded.state.params)
     n_sharded = sum(not leaf.sharding.is_fully_replicated for leaf in leaves)
+    opt = jax.tree.leaves(sharded.state.opt_state)
+    n_opt = sum(not leaf.sharding.is_fully_replicated for leaf in opt)  # AdamW's moments
     a = jax.tree.leaves(jax.device_get(single.state.params))
     b = jax.tree.leaves(jax.device_get(sharded.state.params))
     diff = max(float(np.abs(x - y).max()) for x, y in zip(a, b, strict=True))
     print(
         f"max_param_diff={diff} loss_diff={abs(m_single['loss'] - m_sharded['loss'])} "
-        f"sharded={n_sharded} grad_norm={m_single['grad_norm']}"
+        f"sharded={n_sharded} opt_sharded={n_opt} grad_norm={m_single['grad_norm']}"
     )
 
 

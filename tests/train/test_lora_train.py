@@ -20,8 +20,10 @@ from vlmgym_train.trainer import Trainer
         (["--lora_rank=-4"], "--lora_rank must be a positive integer"),
         (["--lora_rank=8", "--lora_targets=q_proj,qproj"], "unknown LoRA target 'qproj'"),
         (["--lora_rank=8", "--lora_alpha=0"], "alpha must be a positive number"),
-        (["--micro_batch_size=3", "--groups_per_batch=2", "--group_size=4"],
-         "--micro_batch_size 3 must divide the rows of an update"),  # fmt: skip
+        (
+            ["--micro_batch_size=3", "--groups_per_batch=2", "--group_size=4"],
+            "--micro_batch_size 3 must divide the rows of an update",
+        ),
         (["--micro_batch_size=0"], "--micro_batch_size must be >= 1"),
     ],
 )

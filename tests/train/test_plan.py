@@ -36,7 +36,8 @@ def test_micro_batches_bound_the_update_temps(tmp_path):
     whole, _ = _plan(tmp_path / "whole")
     micro, _ = _plan(tmp_path / "micro", "--micro_batch_size=2")
     assert micro["parts"]["train_step_temp"] < whole["parts"]["train_step_temp"] / 2, (
-        micro["parts"], whole["parts"]
+        micro["parts"],
+        whole["parts"],
     )
 
 

@@ -45,11 +45,14 @@ def test_sharded_step_equals_unsharded(tmp_path, tol, fsdp, tensor):
         capture_output=True, text=True, timeout=900, env=env_without_xla_flags(),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    found = re.search(r"max_param_diff=(\S+) loss_diff=(\S+) sharded=(\d+)", proc.stdout)
+    pattern = r"max_param_diff=(\S+) loss_diff=(\S+) sharded=(\d+) opt_sharded=(\d+)"
+    found = re.search(pattern, proc.stdout)
     assert found, proc.stdout
     assert float(found.group(1)) <= tol["float32"]
     assert float(found.group(2)) <= tol["float32"]
     assert int(found.group(3)) > 0, "no parameter was sharded"
+    # the optimizer's moments live where their params do (2 per sharded param for AdamW)
+    assert int(found.group(4)) == 2 * int(found.group(3)), proc.stdout
 
 
 def metrics_rows(run: Path) -> list[dict]:

@@ -175,6 +175,10 @@ class Sampler:
       cache_dtype: KV cache dtype (default: the params' dtype).
       min_pixels, max_pixels: image pixel bounds passed to the processor (default: the
         model's preprocessor_config.json); a smaller budget means fewer image tokens.
+      decode_layout: "copies" (each decoder matrix copied [out, in] once per generation:
+        the CPU's fast matmul path, one extra copy of the decoder's weights, LoRA merged
+        into it), "stacked" (the weights as they are: no copy, LoRA unmerged), or "auto"
+        (copies on the CPU backend, stacked elsewhere). Both give the same tokens.
     """
 
     def __init__(
@@ -189,7 +193,13 @@ class Sampler:
         cache_dtype: Any = None,
         min_pixels: int | None = None,
         max_pixels: int | None = None,
+        decode_layout: str = "auto",
     ) -> None:
+        if decode_layout not in ("auto", "copies", "stacked"):
+            raise ValueError(
+                f"decode_layout must be 'auto', 'copies' or 'stacked', got {decode_layout!r}"
+            )
+        self.decode_layout = decode_layout
         self.config = config
         self.min_pixels = min_pixels
         self.max_pixels = max_pixels
@@ -286,7 +296,11 @@ class Sampler:
         state = self._initial_state(logits, cache, active, N)
         row_keys = _row_keys(prompt_keys, logits.shape[0])
 
-        layers = layers_for_decoding(params.text.layers)  # once, outside the loop
+        stacked = self.decode_layout == "stacked" or (
+            self.decode_layout == "auto" and jax.default_backend() != "cpu"
+        )
+        # the [out, in] copies, made once outside the loop (or none: stacked)
+        layers = None if stacked else layers_for_decoding(params.text.layers)
 
         def sample(s: _DecodeState) -> tuple[_DecodeState, jax.Array]:
             """Draw token `s.step` of every row from `s.logits`; record it."""
@@ -331,6 +345,7 @@ class Sampler:
                 prompt_starts,
                 layers=layers,
                 impl=self.impl,
+                stacked=stacked,
             )
             return dataclasses.replace(s, logits=logits, cache=cache)
 

@@ -68,6 +68,41 @@ class TrainState:
         """A copy with the given fields replaced."""
         return dataclasses.replace(self, **changes)
 
+    @classmethod
+    def shardings(
+        cls, tx: optax.GradientTransformation, params: PyTree, param_shardings: PyTree, mesh: Any
+    ) -> TrainState:
+        """Where each leaf of `create(params, tx)` lives: the params as `param_shardings`
+        say, every optimizer statistic with a param's shape (AdamW's moments) like that
+        param, everything else (counts, Adafactor's factored rows and columns) replicated.
+
+        Left to XLA, a zeros-initialised optimizer state comes out replicated: with
+        `--mesh_fsdp 8` every device would hold all of AdamW's moments.
+        """
+        from jax.sharding import NamedSharding, PartitionSpec
+        from vlmgym_model import dotted_path
+
+        replicated = NamedSharding(mesh, PartitionSpec())
+        by_path = {
+            dotted_path(p): (x.shape, sh)
+            for (p, x), sh in zip(
+                jax.tree_util.tree_flatten_with_path(params)[0],
+                jax.tree.leaves(param_shardings),
+                strict=True,
+            )
+        }
+        state = jax.eval_shape(lambda p: cls.create(p, tx), params)
+
+        def place(path: tuple[Any, ...], leaf: Any) -> Any:
+            name = dotted_path(path)
+            for param, (shape, sharding) in by_path.items():
+                if (name == param or name.endswith("." + param)) and leaf.shape == shape:
+                    return sharding
+            return replicated
+
+        opt = jax.tree_util.tree_map_with_path(place, state.opt_state)
+        return cls(step=replicated, params=param_shardings, opt_state=opt)
+
 
 @dataclasses.dataclass(frozen=True)
 class RestoredCheckpoint:

@@ -24,9 +24,9 @@ The optimizer moments are then fp32 as well. The sampler takes
 When memory is tight, bf16 params with `mu_dtype=jnp.bfloat16` halve the first moment, at
 the price above.
 
-NaN guard. `is_finite(loss, grads)` is a jittable bool; `apply_if_finite` applies the
-update under `lax.cond` and otherwise returns params and optimizer state unchanged (the
-schedule does not advance), so one bad batch cannot poison the run.
+NaN guard. `is_finite(loss, grads)` is a jittable bool; `apply_if_finite` selects the
+updated params and optimizer state only when it holds, and otherwise keeps both unchanged
+(the schedule does not advance), so one bad batch cannot poison the run.
 """
 
 from __future__ import annotations
@@ -71,9 +71,9 @@ class OptimConfig:
     update_rounding: how low-precision (bf16) params take an update (`apply_updates`):
         "nearest" or "stochastic".
 
-    Optimizer statistics are float32 whatever the params' dtype: gradients are cast to
-    float32 before the optimizer (bf16 params keep fp32 moments, or Adafactor's factored
-    fp32 statistics), and only the final update is rounded to the params' dtype.
+    Optimizer statistics are float32 whatever the params' dtype (bf16 params keep fp32
+    moments, or Adafactor's factored fp32 statistics); bf16 gradients promote to float32
+    inside the update, and only the final sum is rounded to the params' dtype.
     """
 
     optimizer: Literal["adamw", "adafactor"] = "adamw"
@@ -178,18 +178,21 @@ def _base_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
 
 
 def _in_float32(tx: optax.GradientTransformation) -> optax.GradientTransformation:
-    """`tx` with float32 gradients, params and statistics, whatever the params' dtype."""
-
-    def up(tree: PyTree) -> PyTree:
-        return cast_for_compute(tree, jnp.float32)
+    """`tx` with float32 statistics whatever the params' dtype: its state is initialised
+    from float32 shapes, and bf16 gradients then promote to float32 inside each update's
+    arithmetic (no float32 copy of the gradients is made: for a 7B model that copy alone
+    would be 30 GiB)."""
 
     def init(params: PyTree) -> optax.OptState:
-        return tx.init(up(params))
+        return tx.init(cast_for_compute(params, jnp.float32))
 
     def update(
         updates: PyTree, state: optax.OptState, params: PyTree | None = None
     ) -> tuple[PyTree, optax.OptState]:
-        return tx.update(up(updates), state, None if params is None else up(params))
+        new_updates, new_state = tx.update(updates, state, params)
+        # statistics a transformation computes in the gradients' dtype go back to float32
+        new_state = jax.tree.map(lambda n, o: jnp.asarray(n).astype(o.dtype), new_state, state)
+        return new_updates, new_state
 
     return optax.GradientTransformation(init, update)
 
@@ -273,12 +276,32 @@ def is_finite(loss: jax.Array, grads: PyTree, grad_norm: jax.Array | None = None
     return jnp.isfinite(loss).all() & jnp.isfinite(grad_norm)
 
 
+def _hashed_bits(shape: tuple[int, ...], seed: jax.Array) -> jax.Array:
+    """uint32 pseudo-random bits per element: murmur3's finaliser of (flat index, seed).
+
+    Elementwise on an iota, so XLA fuses it into the update that consumes it: no buffer of
+    random bits the size of the weights (`jax.random.bits` materialises one per leaf, 4
+    bytes a parameter). Uniform enough for rounding decisions, not for cryptography.
+    """
+    index = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        iota = jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
+        index = index + iota * jnp.uint32(stride % 2**32)
+        stride *= shape[axis]
+    h = index ^ (seed * jnp.uint32(0x9E3779B9))
+    h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
+    h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
 def stochastic_round(x: jax.Array, key: jax.Array) -> jax.Array:
     """float32 -> bfloat16, rounded up with probability equal to the dropped fraction:
     E[stochastic_round(x)] = x, so updates far below half a bf16 ulp still move a weight
     on average. Adds 16 random bits below bf16's last mantissa bit and truncates."""
     bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
-    noise = jax.random.bits(key, x.shape, jnp.uint32) & jnp.uint32(0xFFFF)
+    seed = jax.random.bits(key, (), jnp.uint32)
+    noise = _hashed_bits(x.shape, seed) & jnp.uint32(0xFFFF)
     rounded = (bits + noise) & jnp.uint32(0xFFFF0000)
     return jax.lax.bitcast_convert_type(rounded, jnp.float32).astype(jnp.bfloat16)
 
@@ -319,21 +342,23 @@ def apply_if_finite(
 
         ok = is_finite(loss, grads, grad_norm)
         params, opt_state = (apply(tx.update(grads)), new state) if ok else (params, opt_state)
+        (computed either way, with zeros for non-finite gradients, then selected)
 
     `rounding` and `key` go to `apply_updates`. Returns (params, opt_state, ok). A skipped
     step leaves the optimizer's step count (and so the learning-rate schedule) where it was;
     count skips from `ok` in the metrics.
     """
     ok = is_finite(loss, grads, grad_norm)
+    # Non-finite gradients become zeros, so the update below stays finite, and a select
+    # keeps the old params and state: elementwise, fused into the update itself, where a
+    # `lax.cond` made XLA copy its operands (two more params-sized buffers).
+    safe = jax.tree.map(lambda g: jnp.where(ok, g, jnp.zeros_like(g)), grads)
+    updates, new_state = tx.update(safe, opt_state, params)
+    new_params = apply_updates(params, updates, rounding, key)
 
-    def update(operands: tuple[PyTree, optax.OptState, PyTree]) -> tuple[PyTree, Any]:
-        g, s, p = operands
-        updates, new_s = tx.update(g, s, p)
-        return apply_updates(p, updates, rounding, key), new_s
+    def keep(new: Any, old: Any) -> Any:
+        return jnp.where(ok, new, old) if hasattr(old, "dtype") else new
 
-    def skip(operands: tuple[PyTree, optax.OptState, PyTree]) -> tuple[PyTree, Any]:
-        _, s, p = operands
-        return p, s
-
-    new_params, new_state = jax.lax.cond(ok, update, skip, (grads, opt_state, params))
+    new_params = jax.tree.map(keep, new_params, params)
+    new_state = jax.tree.map(keep, new_state, opt_state)
     return new_params, new_state, ok

@@ -56,6 +56,17 @@ from vlmgym_train.microbatch import MicroBatches, PolicyView, place_micro, split
 from vlmgym_train.optim import make_optimizer, trainable_by_name
 
 GIB = 2**30
+# XLA's CPU backend computes bf16 slices in float32 (its bf16 normalisation wraps them in
+# converts) and its loop-invariant code motion then hoists convert(weight stack) out of
+# every layer loop: a float32 copy of each bf16 weight stack a loop reads (28.9 of the 33
+# GiB of temporaries of the 7B LoRA step). GPU and TPU compiles make no such copy, so the
+# plan compiles without that pass on the CPU (a CPU training run does pay it).
+_CPU_PLAN_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+
+
+def _compile(lowered: Any) -> Any:
+    cpu = jax.default_backend() == "cpu"
+    return lowered.compile(compiler_options=_CPU_PLAN_OPTIONS if cpu else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,9 +176,9 @@ class _Planner:
         total = cfg.run.total_steps * cfg.updates_per_step
         self.tx = make_optimizer(optim.optim_config(total_updates=total), trainable=trainable)
         shardings = jax.tree.map(lambda x: x.sharding, self.params)
-        init = jax.jit(lambda p: TrainState.create(p, self.tx), in_shardings=(shardings,))
-        out = init.lower(self.params).compile().output_shardings
-        self.state = _abstract(jax.eval_shape(init, self.params), out)
+        state_shardings = TrainState.shardings(self.tx, self.params, shardings, mesh)
+        self.state = _abstract(jax.eval_shape(lambda p: TrainState.create(p, self.tx),
+                                              self.params), state_shardings)  # fmt: skip
 
     def place(self, x: Any, batch_dim: int | None = None) -> jax.ShapeDtypeStruct:
         axes: list[str | None] = [None] * np.ndim(x)
@@ -204,7 +215,7 @@ class _Planner:
             donate_argnums=(0,),
             out_shardings=(state_shardings, NamedSharding(self.mesh, PartitionSpec())),
         )
-        return ProgramMemory.of(step.lower(self.state, micro, self.frozen).compile())
+        return ProgramMemory.of(_compile(step.lower(self.state, micro, self.frozen)))
 
     def rollout_params(self) -> Any:
         """The sampler's params: the state's (cast to the compute dtype) or base + adapters."""
@@ -224,7 +235,12 @@ class _Planner:
         rollout = self.cfg.rollout
         assert rollout.num_generation_tokens is not None
         prompts = -(-rollout.groups_per_batch // rollout.rollout_chunks)
-        sampler = Sampler(self.config, stop_token_ids=[0], impl=self.cfg.optim.attention_impl)
+        sampler = Sampler(
+            self.config,
+            stop_token_ids=[0],
+            impl=self.cfg.optim.attention_impl,
+            decode_layout="stacked",  # an accelerator's (the CPU's copies: see Sampler)
+        )
         prompts = next(b for b in (*sampler.batch_buckets, prompts) if b >= prompts)
         grid = batch_grid(self.config, image_size)
         per_image = int(grid.prod()) // self.config.vision.merge_unit
@@ -239,7 +255,7 @@ class _Planner:
         )
         prefill = functools.partial(sampler._prefill, new_tokens=N, num_samples=n)
         pre = ProgramMemory.of(
-            sampler._prefill.lower(params, shaped, new_tokens=N, num_samples=n).compile()
+            _compile(sampler._prefill.lower(params, shaped, new_tokens=N, num_samples=n))
         )
         logits, cache = jax.eval_shape(prefill, params, shaped)
         R = prompts * n
@@ -251,10 +267,11 @@ class _Planner:
             sds((), f32), sds((), f32), sds((), f32), sds((1,), i32),
             max_new_tokens=N, greedy=False, top_k=0, use_top_p=False, use_min_p=False,
         )  # fmt: skip
-        dec = ProgramMemory.of(decode.compile())
-        params_bytes = per_device_bytes(params)
-        worst = max((pre, dec), key=lambda m: m.peak)
-        return dataclasses.replace(worst, argument=worst.argument - params_bytes)
+        dec = ProgramMemory.of(_compile(decode))
+        # the params are counted with the state; decoding reads only the decoder's
+        pre = dataclasses.replace(pre, argument=pre.argument - per_device_bytes(params))
+        dec = dataclasses.replace(dec, argument=dec.argument - per_device_bytes(params.text))
+        return max((pre, dec), key=lambda m: m.peak)
 
 
 def batch_grid(config: Qwen2_5_VLConfig, image_size: int) -> np.ndarray:
@@ -360,3 +377,28 @@ def write_plan(plan: dict[str, Any], directory: str | Path) -> Path:
     tmp.write_text(json.dumps(plan, indent=2) + "\n")
     tmp.replace(target)
     return target
+
+
+def warn_if_over_memory(cfg: TrainConfig) -> str | None:
+    """Before a run on an accelerator: a warning when the plan's peak exceeds a device's
+    memory (`memory_stats()["bytes_limit"]`), else None. On the CPU backend (no limit to
+    compare with) nothing is planned. A plan that fails is reported, never fatal."""
+    if jax.default_backend() == "cpu":
+        return None
+    limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+    if not limit:
+        return None
+    try:
+        plan = plan_memory(cfg, max_prompt_tokens=cfg.rollout.max_prompt_tokens or 512,
+                           image_size=cfg.run.plan_image_size)  # fmt: skip
+    except Exception as err:
+        return f"the memory plan failed ({type(err).__name__}: {err}); running anyway"
+    peak = plan["peak_bytes_per_device"]
+    if peak <= limit:
+        return None
+    return (
+        f"the memory plan needs {peak / GIB:.1f} GiB per device, more than the "
+        f"{limit / GIB:.1f} GiB available: lower --micro_batch_size, use --remat, LoRA "
+        "(--lora_rank), bf16 params with Adafactor, or more --mesh_fsdp devices "
+        "(vlmgym-train --plan shows the parts)"
+    )

@@ -194,14 +194,15 @@ class Trainer:
             key = jax.random.fold_in(jax.random.key(cfg.seed), 0x10A)
             params = init_adapters(param_specs(self.config), self.lora, key, base=params)
         shardings = param_shardings(specs, self.mesh, self.rules)
+        # Every update writes the state back with these shardings: the params stay laid out
+        # as the rules say (whole replicas per host), the optimizer's moments like their
+        # params, and nothing recompiles on their account.
+        self.state_shardings = TrainState.shardings(self.tx, params, shardings, self.mesh)
         self.state = jax.jit(
             lambda p: TrainState.create(p, self.tx),
             in_shardings=(shardings,),
+            out_shardings=self.state_shardings,
         )(params)
-        self.state = self.state.replace(params=jax.device_put(self.state.params, shardings))
-        # Every update writes the state back with these shardings: the params stay laid out
-        # as the rules say (whole replicas per host), and nothing recompiles on their account.
-        self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
 
     def _lora_base(self) -> dict[str, str] | None:
         """What a LoRA run's checkpoints record of their base: its directory and fingerprint."""

@@ -24,7 +24,9 @@ The price is one copy of the layer weights per `Sampler` call, held while it dec
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +35,7 @@ import vlmgym_kernels
 from vlmgym_model.lora import LoraWeight
 from vlmgym_model.matmul import einsum
 from vlmgym_model.qwen2_5_vl import text
-from vlmgym_model.qwen2_5_vl.config import Qwen2_5_VLConfig
+from vlmgym_model.qwen2_5_vl.config import Qwen2_5_VLConfig, TextConfig
 from vlmgym_model.qwen2_5_vl.rope import apply_rope, mrope_cos_sin
 from vlmgym_model.qwen2_5_vl.text import DecoderLayers, TextWeights
 
@@ -188,6 +190,98 @@ def _write_slot(cache: jax.Array, update: jax.Array, index: jax.Array) -> jax.Ar
     return bits(out, cache.dtype)
 
 
+def _attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    prompt_k: jax.Array,
+    prompt_v: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    *,
+    prompt_starts: jax.Array,
+    lengths: jax.Array,
+    write_index: jax.Array,
+    impl: str,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Write this token's k, v [B, K, 1, H] into the cache; attend q [B, N, H] to the
+    prompt and the generated part. Returns (attn [B, N, H], k_cache, v_cache)."""
+    k_cache = _write_slot(k_cache, k, write_index)
+    v_cache = _write_slot(v_cache, v, write_index)
+    attn = vlmgym_kernels.prefix_decode_attention(
+        q,
+        prompt_k.astype(q.dtype),
+        prompt_v.astype(q.dtype),
+        prompt_starts,
+        k_cache.astype(q.dtype),
+        v_cache.astype(q.dtype),
+        lengths,
+        impl=impl,
+    )
+    return attn, k_cache, v_cache
+
+
+def _copied_layer(
+    layer: DecodeLayer,
+    x: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    caches: tuple[jax.Array, ...],
+    cfg: TextConfig,
+    attend: Any,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One decoder layer on x [B, D] from its [out, in] copy (`layers_for_decoding`)."""
+    B, eps = x.shape[0], cfg.rms_norm_eps
+    N, K, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    prompt_k, prompt_v, k_cache, v_cache = caches
+    h = text.rms_norm(x, layer.input_norm, eps)  # [B, D]
+    q = text.add_bias(einsum("BD,ED->BE", h, layer.q_proj), layer.q_bias)  # [B, N*H]
+    k = text.add_bias(einsum("BD,ED->BE", h, layer.k_proj), layer.k_bias)  # [B, K*H]
+    v = text.add_bias(einsum("BD,ED->BE", h, layer.v_proj), layer.v_bias)  # [B, K*H]
+    q = text.head_norm(q.reshape(B, 1, N, H), layer.q_norm, eps)
+    k = text.head_norm(k.reshape(B, 1, K, H), layer.k_norm, eps)
+    q = apply_rope(q, cos, sin)[:, 0]  # [B, N, H]
+    k = apply_rope(k, cos, sin).reshape(B, K, 1, H)
+    attn, k_cache, v_cache = attend(q, k, v.reshape(B, K, 1, H), prompt_k, prompt_v,
+                                    k_cache, v_cache)  # fmt: skip
+    x = x + einsum("BE,DE->BD", attn.reshape(B, N * H), layer.o_proj)
+    h = text.rms_norm(x, layer.post_norm, eps)
+    gate = einsum("BD,FD->BF", h, layer.gate_proj)
+    up = einsum("BD,FD->BF", h, layer.up_proj)
+    x = x + einsum("BF,DF->BD", jax.nn.silu(gate) * up, layer.down_proj)
+    return x, k_cache, v_cache
+
+
+def _stacked_layer(
+    layers: DecoderLayers,
+    i: int,
+    x: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    caches: tuple[jax.Array, ...],
+    cfg: TextConfig,
+    attend: Any,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Decoder layer i on x [B, D], its weights sliced from the stacks.
+
+    The slice index is made to depend on x, so that XLA slices layer i only when x is
+    ready: with a constant index it schedules every layer's slice at the start, which is
+    a copy of all the weights again.
+    """
+    index = jnp.where(jnp.isnan(x[0, 0]), 0, i).astype(jnp.int32)
+    layer = jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, index, keepdims=False), layers)
+    B, eps = x.shape[0], cfg.rms_norm_eps
+    prompt_k, prompt_v, k_cache, v_cache = caches
+    h = text.rms_norm(x, layer.input_norm, eps)[:, None]  # [B, 1, D]
+    q, k, v = text.attention_qkv(layer, h, cos, sin, eps)  # [B, 1, N, H], [B, 1, K, H]
+    K, H = k.shape[2], k.shape[3]
+    attn, k_cache, v_cache = attend(q[:, 0], k.reshape(B, K, 1, H), v.reshape(B, K, 1, H),
+                                    prompt_k, prompt_v, k_cache, v_cache)  # fmt: skip
+    x = x + text.attention_output(layer, attn[:, None])[:, 0]
+    x = x + text.mlp(layer, text.rms_norm(x, layer.post_norm, eps)[:, None])[:, 0]
+    return x, k_cache, v_cache
+
+
 def decode_step(
     weights: TextWeights,
     config: Qwen2_5_VLConfig,
@@ -199,6 +293,7 @@ def decode_step(
     *,
     layers: Sequence[DecodeLayer] | None = None,
     impl: str = "xla",
+    stacked: bool = False,
 ) -> tuple[jax.Array, KVCache]:
     """One new token per row.
 
@@ -211,13 +306,16 @@ def decode_step(
       prompt_starts: int[P], each prompt's first valid slot (its left padding).
       layers: `layers_for_decoding(weights.layers)`, computed once outside a decode loop (by
         default each call makes that copy itself).
+      stacked: read each layer's weights straight from the stacked `weights.layers` (the
+        training layout; LoRA adapters stay unmerged) instead of the [out, in] copies: no
+        copy of the decoder's weights, for accelerators whose matmuls take either layout
+        (the copies exist for the CPU's fast matmul path).
 
     Returns:
       float32[R, V] logits for the next token, and the updated cache.
     """
     cfg = config.text
-    N, K, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    if layers is None:
+    if layers is None and not stacked:
         layers = layers_for_decoding(weights.layers)
     B = tokens.shape[0]
     x = text.embed_tokens(weights, tokens)  # [B, D]
@@ -225,33 +323,18 @@ def decode_step(
     cos, sin = mrope_cos_sin(pos3, cfg)  # [B, 1, H]
     lengths = jnp.broadcast_to(write_index + 1, (B,))
     new_k, new_v = [], []
-    per_layer = zip(layers, cache.prompt_k, cache.prompt_v, cache.k, cache.v, strict=True)
-    for layer, prompt_k, prompt_v, k_cache, v_cache in per_layer:
-        h = text.rms_norm(x, layer.input_norm, cfg.rms_norm_eps)  # [B, D]
-        q = text.add_bias(einsum("BD,ED->BE", h, layer.q_proj), layer.q_bias)  # [B, N*H]
-        k = text.add_bias(einsum("BD,ED->BE", h, layer.k_proj), layer.k_bias)  # [B, K*H]
-        v = text.add_bias(einsum("BD,ED->BE", h, layer.v_proj), layer.v_bias)  # [B, K*H]
-        q = text.head_norm(q.reshape(B, 1, N, H), layer.q_norm, cfg.rms_norm_eps)
-        k = text.head_norm(k.reshape(B, 1, K, H), layer.k_norm, cfg.rms_norm_eps)
-        q = apply_rope(q, cos, sin)[:, 0]  # [B, N, H]
-        k = apply_rope(k, cos, sin).reshape(B, K, 1, H)
-        k_cache = _write_slot(k_cache, k, write_index)
-        v_cache = _write_slot(v_cache, v.reshape(B, K, 1, H), write_index)
-        attn = vlmgym_kernels.prefix_decode_attention(
-            q,
-            prompt_k.astype(q.dtype),
-            prompt_v.astype(q.dtype),
-            prompt_starts,
-            k_cache.astype(q.dtype),
-            v_cache.astype(q.dtype),
-            lengths,
-            impl=impl,
-        )  # [B, N, H]
-        x = x + einsum("BE,DE->BD", attn.reshape(B, N * H), layer.o_proj)
-        h = text.rms_norm(x, layer.post_norm, cfg.rms_norm_eps)
-        gate = einsum("BD,FD->BF", h, layer.gate_proj)
-        up = einsum("BD,FD->BF", h, layer.up_proj)
-        x = x + einsum("BF,DF->BD", jax.nn.silu(gate) * up, layer.down_proj)
+    attend = functools.partial(
+        _attend, prompt_starts=prompt_starts, lengths=lengths, write_index=write_index, impl=impl
+    )
+    per_cache = zip(cache.prompt_k, cache.prompt_v, cache.k, cache.v, strict=True)
+    for i, caches in enumerate(per_cache):
+        if stacked:
+            x, k_cache, v_cache = _stacked_layer(
+                weights.layers, i, x, cos, sin, caches, cfg, attend
+            )
+        else:
+            assert layers is not None
+            x, k_cache, v_cache = _copied_layer(layers[i], x, cos, sin, caches, cfg, attend)
         new_k.append(k_cache)
         new_v.append(v_cache)
     hidden = text.rms_norm(x, weights.norm, cfg.rms_norm_eps)
