@@ -175,10 +175,9 @@ class Sampler:
       cache_dtype: KV cache dtype (default: the params' dtype).
       min_pixels, max_pixels: image pixel bounds passed to the processor (default: the
         model's preprocessor_config.json); a smaller budget means fewer image tokens.
-      decode_layout: "copies" (each decoder matrix copied [out, in] once per generation:
-        the CPU's fast matmul path, one extra copy of the decoder's weights, LoRA merged
-        into it), "stacked" (the weights as they are: no copy, LoRA unmerged), or "auto"
-        (copies on the CPU backend, stacked elsewhere). Both give the same tokens.
+      decode_layout: "copies" (decoder matrices copied [out, in] per generation, LoRA
+        merged: the CPU's fast matmul path), "stacked" (the weights as they lie, LoRA
+        unmerged), "auto" (copies on the CPU backend only). Both sample the same tokens.
     """
 
     def __init__(
@@ -196,9 +195,7 @@ class Sampler:
         decode_layout: str = "auto",
     ) -> None:
         if decode_layout not in ("auto", "copies", "stacked"):
-            raise ValueError(
-                f"decode_layout must be 'auto', 'copies' or 'stacked', got {decode_layout!r}"
-            )
+            raise ValueError(f"decode_layout must be auto, copies or stacked: {decode_layout!r}")
         self.decode_layout = decode_layout
         self.config = config
         self.min_pixels = min_pixels
@@ -295,27 +292,18 @@ class Sampler:
         N = max_new_tokens
         state = self._initial_state(logits, cache, active, N)
         row_keys = _row_keys(prompt_keys, logits.shape[0])
-
         stacked = self.decode_layout == "stacked" or (
             self.decode_layout == "auto" and jax.default_backend() != "cpu"
-        )
-        # the [out, in] copies, made once outside the loop (or none: stacked)
+        )  # else the [out, in] copies, made once outside the loop:
         layers = None if stacked else layers_for_decoding(params.text.layers)
 
         def sample(s: _DecodeState) -> tuple[_DecodeState, jax.Array]:
             """Draw token `s.step` of every row from `s.logits`; record it."""
             step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, s.step)
             tok, plp, slp = sample_tokens(
-                step_keys,
-                s.logits,
-                temperature,
-                top_p,
-                min_p,
-                greedy=greedy,
-                top_k=top_k,
-                use_top_p=use_top_p,
-                use_min_p=use_min_p,
-            )
+                step_keys, s.logits, temperature, top_p, min_p,
+                greedy=greedy, top_k=top_k, use_top_p=use_top_p, use_min_p=use_min_p,
+            )  # fmt: skip
             live = ~s.done
             tok = jnp.where(live, tok, self.pad_token_id)
             is_stop = live & jnp.isin(tok, stop_ids)

@@ -39,9 +39,7 @@ from vlmgym_train.losses import (
     get_loss,
     gspo,
     kl_penalty,
-    mask_truncated,
     masked_mean,
-    overlong_penalty,
     ppo_clip,
     register_loss,
 )
@@ -55,6 +53,7 @@ from vlmgym_train.optim import (
     make_schedule,
     trainable_by_name,
 )
+from vlmgym_train.shaping import mask_truncated, overlong_penalty
 
 __all__ = [
     "ADVANTAGES",

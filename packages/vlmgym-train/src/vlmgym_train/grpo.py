@@ -39,11 +39,12 @@ from vlmgym_train.advantages import dynamic_sampling_mask
 from vlmgym_train.batch import Batch, build_batch, slice_rows
 from vlmgym_train.checkpointing import TrainState
 from vlmgym_train.config import TrainConfig
-from vlmgym_train.losses import LossConfig, get_loss, mask_truncated, overlong_penalty
+from vlmgym_train.losses import LossConfig, get_loss
 from vlmgym_train.metrics_log import mean_info
 from vlmgym_train.microbatch import MicroBatches, PolicyView, micro_gradients, split_micro
 from vlmgym_train.optim import apply_if_finite
 from vlmgym_train.rollout import Trajectory, TurnRows, gather_round, merge_rounds, run_groups
+from vlmgym_train.shaping import mask_truncated, overlong_penalty
 
 
 class DataOrder:

@@ -34,8 +34,7 @@ seq-mean-token-sum-norm = token_mean, seq_mean, seq_sum, token_sum_norm.
 
 Tokens outside `mask` never reach the loss or its gradient: every per-token quantity goes
 through `jnp.where(mask, x, 0)` before any exp, so their gradient is exactly zero even when
-their log-probs are garbage (inf or nan) there.
-
+their log-probs are garbage (inf or nan) there. DAPO's masks and shaping: `shaping.py`.
 Metrics are stop-gradient scalars; token statistics are means over masked tokens.
 """
 
@@ -499,38 +498,3 @@ def reinforce(batch: LossInputs, config: LossConfig) -> tuple[jax.Array, dict[st
     adv = batch.advantages.astype(jnp.float32)[:, None]  # [B, 1]
     pg = -adv * jnp.where(m, batch.logp, 0.0)  # [B, T]
     return _finish(pg, log_ratio, batch, config, {}, kl_weight=jnp.exp(log_ratio))
-
-
-# ----------------------------------------------------------------------------- masks, shaping
-
-
-def mask_truncated(mask: ArrayLike, truncated: ArrayLike) -> jax.Array:
-    """DAPO's overlong filtering: drop completions cut at the length limit from the loss.
-
-        mask'[b, t] = mask[b, t] * (1 - truncated[b])
-
-    A truncated completion never reached its stop token, so its reward says little about
-    its tokens. mask: [B, T] (bool or float), truncated: bool[B] -> same dtype as mask.
-    """
-    mask = jnp.asarray(mask)
-    keep = ~jnp.asarray(truncated, jnp.bool_)  # [B]
-    return jnp.where(keep[:, None], mask, jnp.zeros_like(mask))
-
-
-def overlong_penalty(
-    lengths: ArrayLike, max_len: int, buffer: int, penalty: float = 1.0
-) -> jax.Array:
-    """DAPO's soft overlong punishment, added to the reward of each completion.
-
-        R(L) = 0                                       L <= max_len - buffer
-             = -penalty * (L - (max_len - buffer)) / buffer    max_len - buffer < L <= max_len
-             = -penalty                                L > max_len
-
-    lengths: int[B] (completion tokens) -> float[B]. DAPO: max_len=20480, buffer=4096,
-    penalty=1.
-    """
-    if not 0 < buffer <= max_len:
-        raise ValueError(f"need 0 < buffer <= max_len, got buffer={buffer}, max_len={max_len}")
-    lengths = jnp.asarray(lengths, jnp.float32)
-    over = (lengths - (max_len - buffer)) / buffer  # [B]
-    return -penalty * jnp.clip(over, 0.0, 1.0)
