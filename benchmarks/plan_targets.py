@@ -7,7 +7,9 @@ For Qwen2.5-VL-7B and -3B (published configs in tests/fixtures/configs), bf16 co
     lean        full fine-tune, bf16 params + Adafactor (factored fp32 statistics) +
                 stochastic rounding, one device
     adamw_fsdp8 full fine-tune, AdamW with fp32 master weights, --mesh_fsdp 8
-    lean_x4     `lean` with 4x the rows (256) at the same micro-batch size
+    lean_x4     `lean` with 4x the rows (8 prompts x 32 samples) at the same micro-batch size
+    lean_x4_prompts  `lean` with 4x the prompts and images (32 x 8): the vision tower runs
+                once per update on all of them, so its memory follows the images
 
 Each plan runs in its own process (the fsdp plan simulates 8 CPU devices). Prints a
 markdown table and writes benchmarks/results/plan-targets.json.
@@ -38,7 +40,8 @@ TARGETS: dict[str, tuple[list[str], float | None]] = {
     "lora": (["--lora_rank=64", "--lora_alpha=128"], 24.0),
     "lean": (LEAN, 75.0),
     "adamw_fsdp8": (["--param_dtype=float32", "--optimizer=adamw", "--mesh_fsdp=8"], 40.0),
-    "lean_x4": ([*LEAN, "--groups_per_batch=32"], None),
+    "lean_x4": ([*LEAN, "--group_size=32"], None),
+    "lean_x4_prompts": ([*LEAN, "--groups_per_batch=32"], None),
 }
 
 
