@@ -75,8 +75,8 @@ CASES = {
 
 @pytest.mark.parametrize(
     "case",
-    [
-        "ppo_token_mean",
+    [  # token_mean also in the LoRA test below
+        pytest.param("ppo_token_mean", marks=pytest.mark.slow),
         pytest.param("gspo_seq_mean_kl", marks=pytest.mark.slow),
         "ppo_constant_entropy",
     ],

@@ -19,12 +19,7 @@ def main(argv: Sequence[str] | None = None, *, tune_malloc: bool = False) -> int
     logging.getLogger("vlmgym_train").setLevel(logging.INFO)
     if cfg.run.plan:
         return plan(cfg)
-    from vlmgym_train.plan import warn_if_over_memory
     from vlmgym_train.trainer import Trainer, TrainingError
-
-    warning = warn_if_over_memory(cfg)
-    if warning:
-        print(f"vlmgym-train: warning: {warning}", file=sys.stderr)
 
     try:
         trainer = Trainer(cfg)

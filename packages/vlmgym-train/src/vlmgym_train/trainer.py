@@ -54,6 +54,7 @@ from vlmgym_train.optim import (
     make_schedule,
     trainable_by_name,
 )
+from vlmgym_train.plan import warn_if_over_memory
 
 log = logging.getLogger("vlmgym_train")
 
@@ -89,6 +90,9 @@ class Trainer:
             auto=cfg.mesh.distributed,
         )
         self.is_main = jax.process_index() == 0
+        warning = warn_if_over_memory(cfg)  # before any weight is read
+        if warning:
+            log.warning(warning)
         if cfg.rollout.groups_per_batch % jax.process_count():
             raise ValueError(
                 f"--groups_per_batch {cfg.rollout.groups_per_batch} must be a multiple of the "
