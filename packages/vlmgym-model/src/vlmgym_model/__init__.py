@@ -17,6 +17,8 @@ when a JAX-backed name is first used):
   forward pass (log-probs and entropies of completions, each prompt run once per group);
   `token_logprobs` (chunked log-softmax), `compute_logprobs` (jitted, no gradients)
 - `ShardingRules`, `make_mesh`: logical axes -> the ("data", "fsdp", "tensor") mesh
+- `LoraConfig`, `init_adapters`, `with_adapters`, `merge_adapters`: LoRA adapters as a
+  pytree beside the weights; `save_adapters`, `load_adapters`, `model_fingerprint`
 """
 
 from __future__ import annotations

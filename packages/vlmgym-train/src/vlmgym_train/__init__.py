@@ -3,17 +3,20 @@
 Layout: `grpo` (one training step, top to bottom: rollouts -> rewards and advantages ->
 jitted updates -> metrics), `trainer` (the run around the steps: directories, resume,
 logging, evaluation, export), `rollout` (sampling groups and scoring them in the env),
-`batch` (the one training-batch pytree and its minibatch slicing), `losses`,
+`batch` (the one training-batch pytree and its minibatch slicing), `microbatch`
+(an update's gradient accumulated over micro-batches; how trained params, full or LoRA,
+become the model's weights), `losses`, `shaping` (DAPO's masks and penalty),
 `advantages`, `optim`, `checkpointing`, `config` (every setting, in sections: rollout,
-algorithm, optim, mesh, run; flat on the command line), `evaluate`, `distributed`.
+algorithm, optim, mesh, run; flat on the command line), `plan` (`--plan`: per-device
+memory from compiled programs), `evaluate`, `distributed`.
 
 Public API:
 - advantages: `get_advantage(name)(rewards[G, n]) -> [G, n]` for "grpo", "dr_grpo", "rloo",
   "reinforce", "reinforce_plus_plus"; `register_advantage`, `ADVANTAGES`,
   `dynamic_sampling_mask(rewards) -> bool[G]`
 - losses: `get_loss(name)(LossInputs, LossConfig) -> (loss, metrics)` for "ppo_clip",
-  "gspo", "reinforce"; `register_loss`, `LOSSES`, `aggregate`, `kl_penalty`,
-  `mask_truncated`, `overlong_penalty`
+  "gspo", "reinforce"; `register_loss`, `LOSSES`, `aggregate`, `kl_penalty`
+- shaping: `mask_truncated`, `overlong_penalty`
 - optim: `OptimConfig`, `make_optimizer(cfg, params, trainable=...)`, `make_schedule`,
   `trainable_by_name`, `cast_for_compute`, `is_finite`, `apply_if_finite`
 - checkpointing: `TrainState`, `TrainCheckpointer`, `RestoredCheckpoint`

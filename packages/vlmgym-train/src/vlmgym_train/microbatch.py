@@ -95,22 +95,24 @@ def _placements(parts: list[Batch]) -> list[FeaturePlacement] | None:
     if images[0] is None:
         return None
     longest = max(len(np.asarray(i.rows)) for i in images)
-    out = []
-    for part, img in zip(parts, images, strict=True):
-        pad = longest - len(np.asarray(img.rows))
-        drop_row = np.shape(part.inputs.prompts.ids)[0]
-        out.append(
-            FeaturePlacement(
-                rows=np.concatenate([np.asarray(img.rows), np.full(pad, drop_row)]).astype(
-                    np.int32
-                ),
-                cols=np.concatenate([np.asarray(img.cols), np.zeros(pad)]).astype(np.int32),
-                feature_index=np.concatenate([np.asarray(img.feature_index), np.zeros(pad)]).astype(
-                    np.int32
-                ),
-            )
+
+    def padded(x: Any, fill: int) -> np.ndarray:
+        x = np.asarray(x)
+        return np.concatenate([x, np.full(longest - len(x), fill)]).astype(np.int32)
+
+    return [
+        FeaturePlacement(
+            rows=padded(img.rows, np.shape(part.inputs.prompts.ids)[0]),  # out of range
+            cols=padded(img.cols, 0),
+            feature_index=padded(img.feature_index, 0),
         )
-    return out
+        for part, img in zip(parts, images, strict=True)
+    ]
+
+
+def _without_images(batch: Batch) -> Batch:
+    prompts = dataclasses.replace(batch.inputs.prompts, images=None)
+    return dataclasses.replace(batch, inputs=dataclasses.replace(batch.inputs, prompts=prompts))
 
 
 def split_micro(batch: Batch, micro_rows: int | None) -> MicroBatches:
@@ -129,15 +131,10 @@ def split_micro(batch: Batch, micro_rows: int | None) -> MicroBatches:
         slice_rows(padded, np.arange(m * micro_rows, (m + 1) * micro_rows)) for m in range(count)
     ]
     placements = _placements(parts)
-    parts = [
-        dataclasses.replace(
-            p, inputs=dataclasses.replace(
-                p.inputs, prompts=dataclasses.replace(p.inputs.prompts, images=None)
-            )
-        )
-        for p in parts
-    ]  # fmt: skip
-    micros = [Micro(p, None if placements is None else placements[i]) for i, p in enumerate(parts)]
+    micros = [
+        Micro(_without_images(p), None if placements is None else placements[i])
+        for i, p in enumerate(parts)
+    ]
     stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *micros)
     return MicroBatches(micro=stacked, images=images, totals=totals, rows=rows)
 
