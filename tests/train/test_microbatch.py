@@ -75,11 +75,7 @@ CASES = {
 
 @pytest.mark.parametrize(
     "case",
-    [  # token_mean also in the LoRA test below
-        pytest.param("ppo_token_mean", marks=pytest.mark.slow),
-        pytest.param("gspo_seq_mean_kl", marks=pytest.mark.slow),
-        "ppo_constant_entropy",
-    ],
+    ["gspo_seq_mean_kl", "ppo_constant_entropy"],  # token_mean: the LoRA test below
 )
 def test_micro_batches_equal_the_full_batch(rollout, case):
     config, params, batch = rollout
