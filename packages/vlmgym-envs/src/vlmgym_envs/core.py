@@ -143,6 +143,16 @@ class Env(abc.ABC, Generic[StateT]):
         """
         return {}
 
+    def step_metrics(self, infos: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+        """The task's own metrics over one training step's episodes (none by default).
+
+        `infos` holds the final `StepResult.info` of every trajectory the step trained on.
+        The trainer logs the result under `env/` beside the plain means of the info's
+        numbers, in `metrics.jsonl` and W&B; use this for what a mean cannot say
+        (quantiles, shares within thresholds). Never raises on odd infos.
+        """
+        return {}
+
     def plots(self, records: Sequence[Mapping[str, Any]], out_dir: Path) -> list[Path]:
         """Draw the task's own plots of evaluation records (as for `metrics`) into `out_dir`
         and return their paths. None by default; the evaluator then draws a reward histogram.
