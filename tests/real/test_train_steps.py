@@ -111,7 +111,7 @@ def test_three_grpo_steps(loss: str, impl: str, real_dirs, real_batch) -> None:
         assert np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]), (i, m)
         assert m["skipped"] == 0.0 and m["grad_norm"] > 0.0, (i, m)
         if i == 0:  # the trainer's log-probs (shared prompts) are the sampler's, in fp32
-            assert m["kl/behaviour"] < 1e-6 and abs(m["ratio/mean"] - 1.0) < 1e-3, m
+            assert m["approx_kl"] < 1e-6 and abs(m["ratio/mean"] - 1.0) < 1e-3, m
         assert not np.array_equal(before, np.asarray(state.params.text.layers.q_proj[0, :8, 0, :8]))
         losses.append(m["loss"])
     # metrics["loss"] is the loss before each update: each update lowered it on this batch.

@@ -352,7 +352,7 @@ def test_behaviour_metrics(tol: dict[str, float]) -> None:
     assert float(metrics["ratio/mean"]) == pytest.approx(
         ref_aggregate(np.exp(lr), d["mask"], "token_mean", None), abs=tol["float32"]
     )
-    assert float(metrics["kl/behaviour"]) == pytest.approx(
+    assert float(metrics["approx_kl"]) == pytest.approx(
         ref_aggregate(np.exp(lr) - 1 - lr, d["mask"], "token_mean", None), abs=tol["float32"]
     )
 

@@ -147,7 +147,7 @@ def test_minibatches_keep_rows_aligned_with_their_reference(tmp_path, minibatche
     metrics = trainer.step(0)
     assert int(trainer.state.step) == 2 * minibatches
     assert metrics["skipped"] == 0
-    assert metrics["kl/ref"] < 1e-6 and metrics["kl/behaviour"] < 1e-6, metrics
+    assert metrics["kl/ref"] < 1e-6 and metrics["approx_kl"] < 1e-6, metrics
     assert abs(metrics["ratio/mean"] - 1.0) < 1e-4
     # Minibatches of rows from any prompts, and a second step: one compiled update.
     trainer.step(1)

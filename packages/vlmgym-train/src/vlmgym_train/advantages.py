@@ -16,7 +16,9 @@ Every estimator that subtracts a mean gives exactly 0 to a group (or batch) of e
 the mean is taken of differences to one member, which are exactly 0 there (see `_centre`).
 
 `dynamic_sampling_mask` marks the groups that carry a learning signal (DAPO's dynamic
-sampling keeps only those and refills the batch).
+sampling keeps only those and refills the batch). After the estimator, the trainer can
+whiten the advantages over the whole batch (`global_normalise`) and clip them
+(`clip_advantages`), in that order, as the original project's first version did.
 """
 
 from __future__ import annotations
@@ -213,3 +215,40 @@ def dynamic_sampling_mask(rewards: ArrayLike, *, atol: float = 0.0) -> jax.Array
     """
     r = _as_groups(rewards)
     return (r.max(axis=1) - r.min(axis=1)) > atol
+
+
+def global_normalise(advantages: ArrayLike, *, eps: float = 1e-6) -> jax.Array:
+    """Whiten advantages over the whole batch, after the per-group estimator.
+
+        A'[g, i] = (A[g, i] - mean_{g', j} A[g', j]) / (std_{g', j} A[g', j] + eps)
+
+    The population std (ddof 0), as the original project's `do_global_normalization`. A batch
+    of equal advantages (all groups uninformative) gets exactly 0.
+
+    advantages: float[G, n] -> float[G, n]
+    """
+    a = _as_groups(advantages)
+    c = _centre(a, axis=None)
+    return c / (_std(c, None, 0) + eps)
+
+
+def parse_clip_range(text: str) -> tuple[float, float]:
+    """An advantage clip range from the command line: "C" is [-C, C], "LOW,HIGH" is
+    [LOW, HIGH] ("inf" allowed: "0,inf" keeps only non-negative advantages)."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) == 1 and values[0] > 0:
+        return -values[0], values[0]
+    if len(values) == 2 and values[0] < values[1]:
+        return values[0], values[1]
+    raise ValueError(
+        f"--advantage_clip {text!r}: give C > 0 (clip to [-C, C]) or LOW,HIGH with LOW < HIGH"
+    )
+
+
+def clip_advantages(advantages: ArrayLike, low: float, high: float) -> jax.Array:
+    """Advantages clipped to [low, high] (`jnp.clip`; NaN stays NaN)."""
+    return jnp.clip(jnp.asarray(advantages, jnp.float32), low, high)

@@ -35,6 +35,7 @@ class Batch:
     truncated: Any  # bool[R]: finished by the length limit, not by a stop token
     ref_logp: Any = None  # float32[R, N]: reference-policy log-probs (KL), when used
     num_tokens: Any = None  # float32[]: token_mean's denominator (see LossInputs)
+    kl_coef: Any = None  # float32[]: the KL coefficient of the update (see LossInputs)
 
     @property
     def num_rows(self) -> int:
@@ -290,4 +291,5 @@ def place_batch(batch: Batch, place: Callable[[Any, int | None], Any]) -> Batch:
         truncated=place(batch.truncated, 0),
         ref_logp=None if batch.ref_logp is None else place(batch.ref_logp, 0),
         num_tokens=None if batch.num_tokens is None else place(batch.num_tokens, None),
+        kl_coef=None if batch.kl_coef is None else place(batch.kl_coef, None),
     )

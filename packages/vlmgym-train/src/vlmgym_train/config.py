@@ -22,11 +22,13 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import math
 from typing import Any, Literal
 
 from vlmgym_model import CompletionStatics, LoraConfig, flag
 
-from vlmgym_train.advantages import ADVANTAGES
+from vlmgym_train.advantages import ADVANTAGES, parse_clip_range
+from vlmgym_train.kl_control import KL_TARGET_START
 from vlmgym_train.losses import AGGREGATIONS, LOSSES, LossConfig
 from vlmgym_train.optim import OptimConfig
 
@@ -128,7 +130,17 @@ class AlgorithmSection:
     dual_clip: float | None = flag(
         None, "cap on the ratio for A < 0 (dual-clip PPO; verl clip_ratio_c, TRL delta)"
     )
-    kl_coef: float = flag(0.0, "KL penalty to the frozen initial policy (0 = no reference)")
+    kl_coef: float = flag(
+        0.0,
+        "KL penalty to the frozen initial policy (0 = no reference); with --kl_target its "
+        f"starting value (0: {KL_TARGET_START})",
+    )
+    kl_target: float | None = flag(
+        None,
+        "adaptive KL: after each step multiply kl_coef by 1.5 when the step's kl/ref exceeds "
+        "2x this, by 1.5^2 above max(0.5, 5x), divide by 1.5 below 0.5x; clamped to "
+        "[1e-5, 0.5] (vlmgym_train.kl_control)",
+    )
     kl_estimator: Literal["k1", "k2", "k3"] = flag("k3", "KL estimator")
     kl_ratio: bool = flag(
         False, "multiply the KL by the importance ratio (TRL use_bias_correction_kl)"
@@ -137,7 +149,29 @@ class AlgorithmSection:
     entropy_aggregation: Literal["loss", "token_mean"] = flag(
         "loss", "entropy bonus aggregated like the loss (verl) or as a token mean (TRL)"
     )
-    dynamic_sampling: bool = flag(False, "drop groups whose rewards are all equal and refill")
+    advantage_global_norm: bool = flag(
+        False,
+        "after the estimator, whiten advantages over the whole batch: (A - mean) / (std + std_eps)",
+        aliases=("--do_global_normalization",),
+    )
+    advantage_clip: str | None = flag(
+        None,
+        "clip advantages (after --advantage_global_norm): 'C' to [-C, C], 'LOW,HIGH' to "
+        "[LOW, HIGH]; the original's do_clip_advantages is '0,inf'",
+    )
+    recompute_behaviour_logprobs: bool = flag(
+        False,
+        "recompute the behaviour log-probs with the trainer's forward pass before the "
+        "updates (one more pass per step). Off: the sampler's own log-probs are the "
+        "behaviour policy; they are exact here (same model code; float32 within ~1e-5 of the "
+        "trainer's), and they are what sampled the tokens, so the ratio corrects any "
+        "sampler/trainer mismatch instead of hiding it",
+    )
+    dynamic_sampling: bool = flag(
+        False,
+        "drop groups whose rewards are all equal and refill",
+        aliases=("--do_group_filter",),
+    )
     max_refill_rounds: int = flag(2, "extra rollout rounds to refill dropped groups")
     overlong: Literal["none", "mask", "penalty"] = flag(
         "none", "truncated completions: keep, mask from the loss, or soft penalty (DAPO)"
@@ -161,6 +195,12 @@ class AlgorithmSection:
             raise ValueError(f"--std_ddof must be 0 or 1, got {self.std_ddof}")
         if not self.std_eps >= 0:
             raise ValueError(f"--std_eps must be >= 0, got {self.std_eps}")
+        if self.kl_target is not None and not 0 < self.kl_target < math.inf:
+            raise ValueError(f"--kl_target must be a positive number, got {self.kl_target}")
+        if not 0 <= self.kl_coef < math.inf:
+            raise ValueError(f"--kl_coef must be a finite number >= 0, got {self.kl_coef}")
+        if self.advantage_clip is not None:
+            parse_clip_range(self.advantage_clip)
         if self.dual_clip is not None and not self.dual_clip > 1:
             raise ValueError(f"--dual_clip must be > 1, got {self.dual_clip}")
         _one_of(self, "aggregation", AGGREGATIONS)
@@ -173,6 +213,11 @@ class AlgorithmSection:
     def updates_per_step(self) -> int:
         """Optimizer updates in one training step (`ppo_epochs` x `minibatches`)."""
         return self.ppo_epochs * self.minibatches
+
+    @property
+    def advantage_clip_range(self) -> tuple[float, float] | None:
+        """`--advantage_clip` as (low, high), or None."""
+        return None if self.advantage_clip is None else parse_clip_range(self.advantage_clip)
 
     @property
     def advantage_kwargs(self) -> dict[str, Any]:
@@ -433,7 +478,12 @@ class TrainConfig:
         targets = self.optim.lora_targets
         if preset and lora and targets == DEFAULT_LORA_TARGETS:
             targets = PRESET_LORA_TARGETS
-        return self.replace(lr=lr, num_generation_tokens=tokens, lora_targets=targets)
+        kl_coef = self.algorithm.kl_coef
+        if self.algorithm.kl_target is not None and kl_coef == 0:
+            kl_coef = KL_TARGET_START
+        return self.replace(
+            lr=lr, num_generation_tokens=tokens, lora_targets=targets, kl_coef=kl_coef
+        )
 
     @property
     def updates_per_step(self) -> int:

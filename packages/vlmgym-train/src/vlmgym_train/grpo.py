@@ -4,11 +4,14 @@
       1. collect_groups   tasks of the step -> `group_size` samples each, scored by the env;
                           with dynamic sampling, groups of equal rewards are replaced
       2. score_groups     rows of the chosen trajectories (`build_batch`); rewards shaped by
-                          the overlong penalty; advantages per group; the overlong mask
-      3. (reference)      log-probs under the frozen reference policy, when kl_coef > 0
+                          the overlong penalty; advantages per group (then optionally
+                          whitened over the batch and clipped); the overlong mask
+      3. (log-prob passes) the behaviour log-probs recomputed, with
+                          --recompute_behaviour_logprobs; log-probs under the frozen
+                          reference policy, when kl_coef > 0
       4. update           `ppo_epochs` x `minibatches` jitted `train_step`s: log-probs under
                           the current params, the registered loss, a NaN-skipping update
-      5. step_metrics     what the step logs
+      5. step_metrics     what the step logs; the KL controller reads the step's KL
 
 The loss functions are in `losses.py`, the advantage estimators in `advantages.py`;
 `Trainer` (trainer.py) builds a `StepSetup` once and runs steps: directories, resume,
@@ -35,10 +38,11 @@ from vlmgym_envs import Env
 from vlmgym_model import CompletionStatics, Qwen2_5_VLConfig, Sampler, SamplingParams
 
 from vlmgym_train import distributed
-from vlmgym_train.advantages import dynamic_sampling_mask
+from vlmgym_train.advantages import clip_advantages, dynamic_sampling_mask, global_normalise
 from vlmgym_train.batch import Batch, build_batch, slice_rows
 from vlmgym_train.checkpointing import TrainState
 from vlmgym_train.config import TrainConfig
+from vlmgym_train.kl_control import KLController
 from vlmgym_train.losses import LossConfig, get_loss
 from vlmgym_train.metrics_log import mean_info
 from vlmgym_train.microbatch import MicroBatches, PolicyView, micro_gradients, split_micro
@@ -75,6 +79,9 @@ class StepSetup:
     rollout_params: the params the sampler reads, from the current state.
     ref_logprobs: float32[R, N] log-probs of placed micro-batches under the reference
       policy, or None without a KL term.
+    behaviour_logprobs: float32[R, N] log-probs of placed micro-batches under a state's
+      policy (--recompute_behaviour_logprobs), or None: the sampler's are used.
+    kl: the KL coefficient (fixed or adaptive), or None without a KL term.
     """
 
     cfg: TrainConfig
@@ -88,6 +95,8 @@ class StepSetup:
     place: Callable[[MicroBatches], MicroBatches]
     rollout_params: Callable[[TrainState], Any]
     ref_logprobs: Callable[[MicroBatches], jax.Array] | None = None
+    behaviour_logprobs: Callable[[TrainState, MicroBatches], jax.Array] | None = None
+    kl: KLController | None = None
 
 
 @dataclasses.dataclass
@@ -107,15 +116,16 @@ def grpo_step(setup: StepSetup, state: TrainState, step: int) -> tuple[TrainStat
     batch, trajs, rewards, advantages = score_groups(setup, rollouts)
     rollouts.stats["time/rollout_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
-    if setup.ref_logprobs is not None:
-        micro = split_micro(batch, setup.cfg.optim.micro_batch_size)
-        ref = setup.ref_logprobs(setup.place(micro))
-        batch = dataclasses.replace(batch, ref_logp=distributed.to_host(ref))
+    batch = logprob_passes(setup, state, batch, rollouts.stats)
     rollouts.stats["time/ref_logprob_s"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     state, update_metrics = update(setup, state, batch, step)
     rollouts.stats["time/update_s"] = time.perf_counter() - t2
     metrics = step_metrics(update_metrics, batch, trajs, rewards, advantages, rollouts.stats)
+    metrics.update(_env_metrics(setup.env, trajs))
+    if setup.kl is not None:
+        metrics["kl/coef"] = setup.kl.coef  # what this step's updates used
+        setup.kl.update(metrics.get("kl/ref", float("nan")))
     metrics["time/step_s"] = elapsed = time.perf_counter() - t0
     metrics["samples/s"] = float(len(trajs)) / elapsed
     return state, metrics
@@ -212,7 +222,12 @@ def score_groups(
         t.info["length"] = int(length)  # logged with the env's info
     rewards = shape_rewards(np.array([t.reward for t in trajs], np.float32), lengths, cfg)
     rewards = rewards.reshape(rollout.groups_per_batch, rollout.group_size)
-    advantages = np.asarray(setup.advantage_fn(jnp.asarray(rewards)))
+    advantages = setup.advantage_fn(jnp.asarray(rewards))
+    if algorithm.advantage_global_norm:
+        advantages = global_normalise(advantages, eps=algorithm.std_eps)
+    if algorithm.advantage_clip_range is not None:
+        advantages = clip_advantages(advantages, *algorithm.advantage_clip_range)
+    advantages = np.asarray(advantages)
     mask = batch.mask
     if algorithm.overlong == "mask":  # DAPO's overlong filtering: truncated rows leave the loss
         mask = np.asarray(mask_truncated(mask, batch.truncated))
@@ -225,8 +240,40 @@ def score_groups(
         num_tokens=np.float32(mask.sum() / algorithm.minibatches)
         if algorithm.token_normaliser == "batch"
         else None,
+        kl_coef=None if setup.kl is None or not setup.kl.adaptive else np.float32(setup.kl.coef),
     )
     return batch, trajs, rewards, advantages
+
+
+def logprob_passes(
+    setup: StepSetup, state: TrainState, batch: Batch, stats: dict[str, float]
+) -> Batch:
+    """The batch with the behaviour log-probs recomputed under `state` (when asked) and
+    the reference policy's log-probs (with a KL term), one placement shared by both.
+
+    Recomputing logs how far the sampler's log-probs were from the trainer's:
+    `logprob/sampler_gap_mean` and `_max`, |log pi_sampler - log pi_trainer| over the
+    sampled tokens."""
+    if setup.behaviour_logprobs is None and setup.ref_logprobs is None:
+        return batch
+    micro = setup.place(split_micro(batch, setup.cfg.optim.micro_batch_size))
+    if setup.behaviour_logprobs is not None:
+        tokens = np.asarray(batch.inputs.segment_ids) > 0
+        old = np.where(tokens, distributed.to_host(setup.behaviour_logprobs(state, micro)), 0.0)
+        gap = np.abs(old - np.asarray(batch.old_logp))[tokens]
+        stats["logprob/sampler_gap_mean"] = float(gap.mean()) if gap.size else 0.0
+        stats["logprob/sampler_gap_max"] = float(gap.max()) if gap.size else 0.0
+        batch = dataclasses.replace(batch, old_logp=old.astype(np.float32))
+    if setup.ref_logprobs is not None:
+        ref = setup.ref_logprobs(micro)
+        batch = dataclasses.replace(batch, ref_logp=distributed.to_host(ref))
+    return batch
+
+
+def _env_metrics(env: Env, trajs: list[Trajectory]) -> dict[str, float]:
+    """The env's own metrics of the step's episodes (`Env.step_metrics`), under `env/`."""
+    own = env.step_metrics([t.info for t in trajs])
+    return {f"env/{k}": float(v) for k, v in own.items()}
 
 
 def train_step(

@@ -100,6 +100,9 @@ class LossInputs:
                              "dapo"). None: this batch's own token count, sum(mask).
     totals: Totals           the whole batch's counts when this is one micro-batch of it
                              (every mean divides by them); None: this batch's own.
+    kl_coef: float[]         the KL coefficient of this update, when a controller sets it
+                             step by step (`--kl_target`); None: `LossConfig.kl_coef`. The
+                             KL term is in the loss only when `LossConfig.kl_coef > 0`.
     """
 
     logp: jax.Array
@@ -110,6 +113,7 @@ class LossInputs:
     entropy: jax.Array | None = None
     num_tokens: jax.Array | None = None
     totals: Totals | None = None
+    kl_coef: jax.Array | None = None
 
     @classmethod
     def from_batch(
@@ -130,6 +134,7 @@ class LossInputs:
             entropy=entropy,
             num_tokens=batch.num_tokens,
             totals=totals,
+            kl_coef=getattr(batch, "kl_coef", None),
         )
 
 
@@ -367,7 +372,8 @@ def _finish(
             kl = kl * kl_weight  # [B, T]
         kl_loss = aggregate(kl, batch.mask, **agg)
         if config.kl_coef > 0:
-            loss = loss + config.kl_coef * kl_loss
+            coef = config.kl_coef if batch.kl_coef is None else batch.kl_coef
+            loss = loss + coef * kl_loss
             metrics["loss/kl"] = kl_loss
     elif config.kl_coef > 0:
         raise ValueError("kl_coef > 0 needs LossInputs.ref_logp (the reference log-probs)")
@@ -383,8 +389,9 @@ def _finish(
             metrics["loss/entropy"] = ent_agg
     elif config.entropy_coef > 0:
         raise ValueError("entropy_coef > 0 needs LossInputs.entropy (token entropies)")
-    # KL(behaviour || current) from behaviour samples, k3 with r = pi_theta / pi_old.
-    metrics["kl/behaviour"] = masked_mean(jnp.expm1(log_ratio) - log_ratio, batch.mask, totals)
+    # PPO's approx_kl: KL(behaviour || current) from behaviour samples, k3 with
+    # r = pi_theta / pi_old: mean of (r - 1) - log r
+    metrics["approx_kl"] = masked_mean(jnp.expm1(log_ratio) - log_ratio, batch.mask, totals)
     metrics["ratio/mean"] = masked_mean(jnp.exp(log_ratio), batch.mask, totals)
     metrics["tokens"] = batch.mask.astype(jnp.float32).sum()
     metrics["loss"] = loss
@@ -430,7 +437,8 @@ def ppo_clip(batch: LossInputs, config: LossConfig) -> tuple[jax.Array, dict[str
     pushes toward: r > 1 + clip_high with A > 0, or r < 1 - clip_low with A < 0.
 
     Metrics: loss, loss/pg, loss/kl, loss/entropy, clip_frac/low, clip_frac/high (fractions of
-    tokens with zero gradient from each bound), ratio/mean, kl/behaviour, kl/ref, entropy,
+    tokens with zero gradient from each bound), ratio/mean, approx_kl (mean of (r - 1) -
+    log r: KL(pi_old || pi_theta)), kl/ref, entropy,
     tokens.
     """
     _check(batch)
@@ -490,7 +498,7 @@ def reinforce(batch: LossInputs, config: LossConfig) -> tuple[jax.Array, dict[st
                    (w = exp(logp - old_logp) when kl_ratio, else 1)
 
     On-policy (logp == old_logp) its gradient equals `ppo_clip`'s. `old_logp` is used only
-    for the ratio/mean and kl/behaviour metrics; clip_low, clip_high, dual_clip are ignored.
+    for the ratio/mean and approx_kl metrics; clip_low, clip_high, dual_clip are ignored.
     """
     _check(batch)
     m = batch.mask > 0

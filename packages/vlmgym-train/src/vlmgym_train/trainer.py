@@ -46,6 +46,7 @@ from vlmgym_train.advantages import get_advantage
 from vlmgym_train.checkpointing import TrainCheckpointer, TrainState
 from vlmgym_train.config import TrainConfig
 from vlmgym_train.grpo import DataOrder, StepSetup, grpo_step, train_step
+from vlmgym_train.kl_control import KLController
 from vlmgym_train.metrics_log import MetricsLogger, plot_rewards
 from vlmgym_train.microbatch import MicroBatches, PolicyView, micro_logprobs, place_micro
 from vlmgym_train.optim import (
@@ -137,6 +138,9 @@ class Trainer:
             save_interval=cfg.run.save_interval * cfg.updates_per_step,
         )
         self.data = DataOrder(len(self.env), cfg.seed)
+        self.kl = None
+        if cfg.algorithm.kl_coef > 0:
+            self.kl = KLController(cfg.algorithm.kl_coef, cfg.algorithm.kl_target)
         resume_step = self._resume() if cfg.run.resume else None
         self.logger = (
             MetricsLogger(
@@ -231,6 +235,9 @@ class Trainer:
         restored = self.checkpointer.restore(abstract_state=self.state)
         self.state = restored.state
         self.data.position = int(restored.data_position)
+        kl_coef = (restored.extra or {}).get("kl_coef")
+        if self.kl is not None and self.kl.adaptive and kl_coef is not None:
+            self.kl.coef = float(kl_coef)  # where the controller had got to
         log.info("resumed %s at step %d", self.run_dir, restored.step)
         return restored.step
 
@@ -273,6 +280,15 @@ class Trainer:
             def ref_logprobs(micro: MicroBatches) -> jax.Array:
                 return ref_fn(ref_params, None, micro)
 
+        behaviour_logprobs = None
+        if cfg.algorithm.recompute_behaviour_logprobs:
+            policy_fn = jax.jit(
+                functools.partial(micro_logprobs, self.view, config=self.config, statics=statics)
+            )
+
+            def behaviour_logprobs(state: TrainState, micro: MicroBatches) -> jax.Array:
+                return policy_fn(state.params, self.frozen, micro)
+
         return StepSetup(
             cfg=cfg,
             env=self.env,
@@ -293,6 +309,8 @@ class Trainer:
             place=lambda micro: place_micro(micro, self._place),
             rollout_params=self.rollout_params,
             ref_logprobs=ref_logprobs,
+            behaviour_logprobs=behaviour_logprobs,
+            kl=self.kl,
         )
 
     def _place(self, x: Any, batch_dim: int | None = None) -> Any:
@@ -380,9 +398,18 @@ class Trainer:
             self.state,
             data_position=self.data.position,
             config=dataclasses.asdict(self.cfg),
-            extra={"lora_base": self.lora_base} if self.lora_base else None,
+            extra=self._checkpoint_extra(),
             force=force,
         )
+
+    def _checkpoint_extra(self) -> dict[str, Any] | None:
+        """What a checkpoint records besides the state: LoRA's base, the KL controller."""
+        extra: dict[str, Any] = {}
+        if self.lora_base:
+            extra["lora_base"] = self.lora_base
+        if self.kl is not None and self.kl.adaptive:
+            extra["kl_coef"] = self.kl.coef
+        return extra or None
 
     def evaluate(self, step: int) -> dict[str, float]:
         """The periodic test on `--test_env_name` (same code as `vlmgym-eval`)."""
