@@ -362,7 +362,7 @@ class RunSection:
     keep_checkpoints: int = flag(3, "checkpoints kept")
     resume: bool = flag(False, "continue the run in --save_dir from its last checkpoint")
     wandb_project: str | None = flag(None, "Weights & Biases project (offline without a key)")
-    wandb_run_name: str | None = flag(None, "Weights & Biases run name")
+    wandb_run_name: str | None = flag(None, "Weights & Biases run name", aliases=("--wandb_name",))
     test_env_name: str | None = flag(None, "environment for periodic evaluation")
     test_interval: int = flag(0, "evaluate every N steps (0 = never)")
     test_tasks: int = flag(32, "tasks per periodic evaluation")
