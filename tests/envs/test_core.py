@@ -77,7 +77,7 @@ def test_register_as_decorator_and_bad_factory():
 def test_builtin_names_and_aliases():
     names = vlmgym_envs.available()
     assert names["osv5m"] == ["geoguessr"]
-    assert names["caption"] == ["vision"]
+    assert names["caption"] == ["vision", "vision_caption"]
     assert {"nlvr2", "shapes"} <= set(names)
     from vlmgym_envs.caption.env import CaptionEnv
     from vlmgym_envs.geoguessr.env import OSV5MEnv

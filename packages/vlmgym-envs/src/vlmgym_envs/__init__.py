@@ -1,7 +1,7 @@
 """Environments and rewards for RL on vision-language models (pure Python, no JAX).
 
     import vlmgym_envs
-    env = vlmgym_envs.make("shapes")  # also osv5m (geoguessr), nlvr2, caption (vision)
+    env = vlmgym_envs.make("shapes")  # also osv5m (geoguessr), geospot, nlvr2, caption
     state, obs = env.reset(0)  # obs.messages: HF chat messages with PIL images
     result = env.step(state, "red")  # StepResult(reward, done, info, observation, state)
 
@@ -9,10 +9,11 @@ Importing this package loads no dataset, table or heavy dependency; each environ
 is imported by `make` on first use.
 
 Layout: `core` (the `Env` API), `registry` (`make`), `answers` (answer parsers the tasks
-share), one module or folder per task (`shapes`, `wordcount`, `nlvr2`, `geoguessr/`:
-env, answer, reward, geography, metrics; `caption/`: env, cider), and `data/` (archives,
-tables, the Hugging Face hub cache). A task owns its evaluation metrics and plots
-(`Env.metrics`, `Env.plots`).
+share), one module or folder per task (`shapes`, `wordcount`, `nlvr2`, `geoguessr/`: env,
+answer, reward, reward_v1, geospot, gazetteer, geography, metrics; `caption/`: env, cider),
+and `data/` (archives, tables, the Hugging Face hub cache). A task owns its evaluation
+metrics and plots (`Env.metrics`, `Env.plots`) and its training-step metrics
+(`Env.step_metrics`).
 """
 
 from vlmgym_envs.core import (

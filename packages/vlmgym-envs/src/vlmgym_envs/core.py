@@ -153,6 +153,16 @@ class Env(abc.ABC, Generic[StateT]):
         """
         return {}
 
+    def state_dict(self) -> dict[str, Any]:
+        """What the env learns while a run goes on (a curriculum's progress), as JSON; the
+        trainer saves it with every checkpoint and hands it to `load_state_dict` on
+        `--resume`. Empty by default (an env that only reads its dataset)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+        del state
+
     def plots(self, records: Sequence[Mapping[str, Any]], out_dir: Path) -> list[Path]:
         """Draw the task's own plots of evaluation records (as for `metrics`) into `out_dir`
         and return their paths. None by default; the evaluator then draws a reward histogram.

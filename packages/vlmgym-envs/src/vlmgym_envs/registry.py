@@ -24,12 +24,19 @@ F = TypeVar("F", bound=EnvFactory)
 # name -> factory, or "module:attribute" resolved on first use.
 _FACTORIES: dict[str, EnvFactory | str] = {
     "osv5m": "vlmgym_envs.geoguessr.env:OSV5MEnv",
+    "geospot": "vlmgym_envs.geoguessr.env:GeospotEnv",
     "nlvr2": "vlmgym_envs.nlvr2:NLVR2Env",
     "caption": "vlmgym_envs.caption.env:CaptionEnv",
     "shapes": "vlmgym_envs.shapes:ShapesEnv",
     "wordcount": "vlmgym_envs.wordcount:WordCountEnv",
 }
-_ALIASES: dict[str, str] = {"geoguessr": "osv5m", "vision": "caption"}
+# Aliases: the names of the project vlm-gym descends from (sdan/vlm-gym) keep working.
+_ALIASES: dict[str, str] = {
+    "geoguessr": "osv5m",
+    "truefalse": "nlvr2",
+    "vision": "caption",
+    "vision_caption": "caption",
+}
 
 
 def _key(name: str) -> str:

@@ -1,4 +1,4 @@
-"""`osv5m` (alias `geoguessr`): GeoGuessr on OpenStreetView-5M.
+"""`osv5m` (alias `geoguessr`) and `geospot`: GeoGuessr on OpenStreetView-5M.
 
 Data (DATA.md): `<data_dir>/{train,test}.csv` and images named `<id>.jpg`, in zip shards
 `<data_dir>/images/<split>/NN.zip` (any folder inside the zip) or extracted anywhere under
@@ -12,7 +12,11 @@ Rows without an image, or with unusable coordinates, are skipped and counted in
 `OSV5MDataset.skipped` (or raise, with `on_missing_image="error"`).
 
 The prompt asks for `GEO_ANSWER_FORMAT`; `step` parses the answer (`parse_geo_answer`) and
-scores it with `geo_reward` at the curriculum stage fixed when the episode was reset.
+scores it at the curriculum stage fixed when the episode was reset: with `geo_reward` by
+default, with `reward_v1.v1_reward` for `reward="v1"`. `geospot` reads the same data, asks
+for `GEOSPOT_ANSWER_FORMAT` and scores with `geospot.geospot_reward`. Both envs' info holds
+the levels of `score_levels` (`country_correct`..., `distance_km`), which `step_metrics`
+(`geo_step_metrics`) summarises.
 """
 
 from __future__ import annotations
@@ -29,14 +33,38 @@ from PIL import Image
 from vlmgym_envs.core import Env, Observation, StepResult, system_message, user_message
 from vlmgym_envs.data.archives import DataError, ImageIndex
 from vlmgym_envs.data.hub import find_hub_snapshot, hub_cache_dirs
-from vlmgym_envs.geoguessr.answer import GEO_ANSWER_FORMAT, parse_geo_answer
-from vlmgym_envs.geoguessr.reward import Curriculum, CurriculumConfig, GeoTruth, geo_reward
+from vlmgym_envs.geoguessr.answer import GEO_ANSWER_FORMAT, GeoGuess, parse_geo_answer
+from vlmgym_envs.geoguessr.geospot import GEOSPOT_SCHEDULE, geospot_reward
+from vlmgym_envs.geoguessr.reward import (
+    Curriculum,
+    CurriculumConfig,
+    EpisodeCurriculum,
+    EpisodeSchedule,
+    GeoTruth,
+    LevelScores,
+    make_curriculum,
+    score_levels,
+    stage_reward,
+)
+from vlmgym_envs.geoguessr.reward_v1 import V1_SCHEDULE, v1_reward
 
 HUB_REPO = "osv5m/osv5m"
 REQUIRED_COLUMNS: tuple[str, ...] = (
     "id", "latitude", "longitude", "country", "region", "sub-region", "city",
 )  # fmt: skip
 
+GEOSPOT_ANSWER_FORMAT = (
+    "City: <city or town>\n"
+    "Region: <state, province or region>\n"
+    "Country: <country name>\n"
+    "Latitude: <decimal degrees, positive north>\n"
+    "Longitude: <decimal degrees, positive east>"
+)
+GEOSPOT_PROMPT = (
+    "In which place was this street-level photo taken? Reason from what you see (plants, "
+    "road markings, signs, buildings, the side of the road cars drive on), then reply with "
+    "exactly these five lines and nothing after them:\n" + GEOSPOT_ANSWER_FORMAT
+)
 GEO_PROMPT = (
     "Where was this street-level photo taken? Look for clues such as vegetation, roads, "
     "signs, architecture and driving side. Answer in exactly this format, one field per "
@@ -206,33 +234,56 @@ class OSV5MEnv(Env[OSV5MState]):
     """GeoGuessr on OSV-5M (see the module docstring).
 
     data_dir, split, image_dir, max_rows, on_missing_image, download: see `OSV5MDataset`.
-    curriculum: when stages unlock (`CurriculumConfig`; default: by running accuracy).
+    reward: "levels" (default: `geo_reward`, fixed non-negative weights of the levels and
+        the distance at each of 4 stages) or "v1" (the earlier version's reward,
+        `reward_v1.v1_reward`: max(levels, exp(-d / 300)) + 0.05 format, 3 stages).
+    curriculum: when stages unlock: a `CurriculumConfig` for "levels" (default: by running
+        accuracy); an `EpisodeSchedule` for either (default for "v1": `V1_SCHEDULE`,
+        stages from 0, 1000 and 2000 scored episodes).
     stage: shortcut for a fixed stage (overrides `curriculum`).
     max_image_side: downscale images so their longer side is at most this.
     """
+
+    REWARDS: tuple[str, ...] = ("levels", "v1")
 
     def __init__(
         self,
         data_dir: str | os.PathLike[str] | None = None,
         split: str = "test",
         *,
-        curriculum: CurriculumConfig | None = None,
+        reward: Literal["levels", "v1"] = "levels",
+        curriculum: CurriculumConfig | EpisodeSchedule | None = None,
         stage: int | None = None,
         max_image_side: int | None = None,
         system_prompt: str | None = None,
         prompt: str = GEO_PROMPT,
         **dataset_kwargs: Any,
     ) -> None:
+        if reward not in self.REWARDS:
+            raise ValueError(f"reward must be one of {self.REWARDS}, got {reward!r}")
+        self.reward = reward
+        self.curriculum = self._make_curriculum(curriculum, stage)
         self.dataset = OSV5MDataset(data_dir, split, **dataset_kwargs)
-        if stage is not None:
-            curriculum = CurriculumConfig(mode="fixed", start_stage=stage)
-        self.curriculum = Curriculum(curriculum)
         self.max_image_side = max_image_side
         self.system_prompt = system_prompt
         self.prompt = prompt
 
+    def _make_curriculum(
+        self, curriculum: CurriculumConfig | EpisodeSchedule | None, stage: int | None
+    ) -> Curriculum | EpisodeCurriculum:
+        default = V1_SCHEDULE if self.reward == "v1" else None
+        return make_curriculum(curriculum, stage, default)
+
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The curriculum's progress (episodes scored, stage), for checkpoints."""
+        return {"curriculum": self.curriculum.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if "curriculum" in state:
+            self.curriculum.load_state_dict(dict(state["curriculum"]))
 
     def reset(self, idx: int) -> tuple[OSV5MState, Observation]:
         i = self.check_index(idx)
@@ -307,21 +358,92 @@ class OSV5MEnv(Env[OSV5MState]):
 
     def step(self, state: OSV5MState, text: str) -> StepResult[OSV5MState]:
         guess = parse_geo_answer(text)
-        reward, levels = geo_reward(guess, state.truth, state.stage)
+        levels = score_levels(guess, state.truth)
         self.curriculum.record(levels)
-        info: dict[str, Any] = {
-            "stage": state.stage,
-            "parsed": guess.as_dict(),
-            "missing": list(guess.missing),
-            "parse_errors": list(guess.errors),
-            "country_correct": levels.country,
-            "region_correct": levels.region,
-            "city_correct": levels.city,
-            "distance_km": levels.distance_km,
-            "geoscore": levels.geoscore,
-            "sources": dict(levels.sources),
+        info = level_info(state.stage, guess, levels)
+        return StepResult(reward=self._score(state, guess, levels, info), done=True, info=info)
+
+    def _score(
+        self, state: OSV5MState, guess: GeoGuess, levels: LevelScores, info: dict[str, Any]
+    ) -> float:
+        """The reward of `guess`; adds the reward's own terms to `info`."""
+        if self.reward == "v1":
+            score = v1_reward(guess, state.truth, state.stage)
+            info["v1"] = {
+                "hierarchical": score.hierarchical,
+                "distance_term": score.distance_term,
+                "format": score.format_ok,
+            }
+            return score.reward
+        return stage_reward(levels, state.stage)
+
+    def step_metrics(self, infos: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+        """`geo_step_metrics`: shares within 25 / 100 / 500 km, distance percentiles and
+        per-level accuracies under `geo/`."""
+        from vlmgym_envs.geoguessr.metrics import geo_step_metrics
+
+        return geo_step_metrics(infos)
+
+
+class GeospotEnv(OSV5MEnv):
+    """`geospot`: OSV-5M scored by distance kernels per field (`geospot.geospot_reward`).
+
+    The same data and keywords as `OSV5MEnv` but `reward`; the prompt asks for
+    `GEOSPOT_ANSWER_FORMAT`. curriculum: an `EpisodeSchedule` of 5 stages (default
+    `GEOSPOT_SCHEDULE`: stages from 0, 100, 300, 600 and 1000 scored episodes); stage: a
+    fixed stage 0..4. `curriculum.state_dict()` holds the episode count for checkpoints.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str] | None = None,
+        split: str = "test",
+        *,
+        curriculum: EpisodeSchedule | None = None,
+        stage: int | None = None,
+        prompt: str = GEOSPOT_PROMPT,
+        **kwargs: Any,
+    ) -> None:
+        if "reward" in kwargs:
+            raise TypeError("geospot has one reward; use osv5m for reward=...")
+        super().__init__(
+            data_dir, split, curriculum=curriculum, stage=stage, prompt=prompt, **kwargs
+        )
+        self.reward = "geospot"
+
+    def _make_curriculum(
+        self, curriculum: CurriculumConfig | EpisodeSchedule | None, stage: int | None
+    ) -> Curriculum | EpisodeCurriculum:
+        return make_curriculum(curriculum, stage, GEOSPOT_SCHEDULE)
+
+    def _score(
+        self, state: OSV5MState, guess: GeoGuess, levels: LevelScores, info: dict[str, Any]
+    ) -> float:
+        score = geospot_reward(guess, state.truth, state.stage)
+        info["geospot"] = {
+            "distance_km": score.distances_km,
+            "kernel": score.kernels,
+            "weight": score.weights,
+            "resolved_weight": score.resolved_weight,
+            "resolved": score.places,
         }
-        return StepResult(reward=reward, done=True, info=info)
+        return score.reward
+
+
+def level_info(stage: int, guess: GeoGuess, levels: LevelScores) -> dict[str, Any]:
+    """The info every GeoGuessr env returns: the parse and the levels (`score_levels`)."""
+    return {
+        "stage": stage,
+        "parsed": guess.as_dict(),
+        "missing": list(guess.missing),
+        "parse_errors": list(guess.errors),
+        "country_correct": levels.country,
+        "region_correct": levels.region,
+        "city_correct": levels.city,
+        "distance_km": levels.distance_km,
+        "geoscore": levels.geoscore,
+        "sources": dict(levels.sources),
+    }
 
 
 def _guess(record: Mapping[str, Any]) -> tuple[float, float]:

@@ -130,6 +130,22 @@ def same_admin_name(a: object, b: object) -> bool:
     return na == nb or admin_key(na) == admin_key(nb)
 
 
+def name_candidates(name: str) -> list[str]:
+    """A name and its head before a comma or parenthesis ("Lyon, France" -> "Lyon")."""
+    out = [name]
+    for sep in (",", "("):
+        head = name.split(sep, 1)[0].strip()
+        if head and head not in out:
+            out.append(head)
+    return out
+
+
+def names_match(name: str, truth: str) -> bool:
+    """Whether a written name (or its head, `name_candidates`) names `truth`
+    (`same_admin_name`)."""
+    return any(same_admin_name(c, truth) for c in name_candidates(name))
+
+
 # Countries ---------------------------------------------------------------------------------
 
 # Languages whose pycountry translations of country names are accepted as aliases.

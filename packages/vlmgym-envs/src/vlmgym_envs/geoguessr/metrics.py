@@ -1,4 +1,5 @@
-"""OSV-5M's official geolocation metrics, for the eval harness.
+"""OSV-5M's official geolocation metrics, for the eval harness, and `geo_step_metrics`, the
+GeoGuessr metrics of a training step.
 
 For predicted and true points (degrees):
 
@@ -20,7 +21,7 @@ Earth's circumference away (pi * 6371 km), so it scores a GeoScore of about 0.01
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -131,3 +132,57 @@ class OSV5MMetrics:
 
     def compute(self) -> dict[str, float]:
         return osv5m_metrics(*self._columns)
+
+
+# Training-time metrics ---------------------------------------------------------------------
+
+STEP_DISTANCE_THRESHOLDS_KM: tuple[int, ...] = (25, 100, 500)
+STEP_LEVELS: tuple[str, ...] = ("country", "region", "city")
+
+
+def _info_distance(info: object) -> float | None:
+    """An info's finite, non-negative `distance_km`, else None."""
+    if not isinstance(info, Mapping):
+        return None
+    d = info.get("distance_km")
+    if isinstance(d, bool) or not isinstance(d, int | float):
+        return None
+    d = float(d)
+    return d if math.isfinite(d) and d >= 0 else None
+
+
+def _is_true(value: object) -> bool:
+    return isinstance(value, bool | np.bool_) and bool(value)
+
+
+def geo_step_metrics(infos: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """GeoGuessr metrics of one training step's episodes (`Env.step_metrics` of `osv5m` and
+    `geospot`), over every info given (empty input: no metrics):
+
+        geo/within_{25,100,500}km  share of guesses whose distance_km is at most that
+                                   (a guess without coordinates is not within)
+        geo/distance_p50_km, geo/distance_p90_km
+                                   percentiles of distance_km, numpy's default (linear)
+                                   interpolation; a guess without coordinates counts as
+                                   MAX_DISTANCE_KM, as in `osv5m_metrics`
+        geo/acc_{country,region,city}
+                                   share with `<level>_correct` True
+        geo/with_coordinates       share of guesses with a distance
+
+    Never raises: an info that is not a mapping, or whose entries are missing or of the
+    wrong type, counts as a guess without coordinates and wrong at every level.
+    """
+    if not infos:
+        return {}
+    found = [_info_distance(info) for info in infos]
+    d = np.array([MAX_DISTANCE_KM if x is None else x for x in found], np.float64)  # [B]
+    out = {f"geo/within_{km}km": float(np.mean(d <= km)) for km in STEP_DISTANCE_THRESHOLDS_KM}
+    out["geo/distance_p50_km"] = float(np.percentile(d, 50))
+    out["geo/distance_p90_km"] = float(np.percentile(d, 90))
+    for level in STEP_LEVELS:
+        hits = [
+            isinstance(info, Mapping) and _is_true(info.get(f"{level}_correct")) for info in infos
+        ]
+        out[f"geo/acc_{level}"] = float(np.mean(hits))
+    out["geo/with_coordinates"] = float(np.mean([x is not None for x in found]))
+    return out

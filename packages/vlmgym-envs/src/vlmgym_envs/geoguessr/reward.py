@@ -25,6 +25,9 @@ The weights are non-negative and a missing field scores 0 at its level, so emitt
 fields never pays more than emitting correct ones; the reward lies in [0, 1].
 
 `Curriculum` decides the stage: fixed, by episode count, or by running accuracy.
+`EpisodeSchedule` (run by `EpisodeCurriculum`) sets stages by episode count alone: the
+curriculum of the `v1` reward and of `geospot`. `make_curriculum` builds an env's curriculum
+from its `curriculum` and `stage` keywords.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ from vlmgym_envs.geoguessr.geography import (
     geonames,
     geoscore,
     haversine_km,
+    name_candidates,
+    names_match,
     normalize_name,
     reverse_geocode,
     same_admin_name,
@@ -107,20 +112,6 @@ def _city_regions() -> dict[tuple[str, str], frozenset[str]]:
     return {k: frozenset(v) for k, v in index.items()}
 
 
-def _name_candidates(name: str) -> list[str]:
-    """A name and its head before a comma or parenthesis ("Lyon, France" -> "Lyon")."""
-    out = [name]
-    for sep in (",", "("):
-        head = name.split(sep, 1)[0].strip()
-        if head and head not in out:
-            out.append(head)
-    return out
-
-
-def _matches(name: str, truth: str) -> bool:
-    return any(same_admin_name(c, truth) for c in _name_candidates(name))
-
-
 def score_levels(guess: GeoGuess, truth: GeoTruth) -> LevelScores:
     """Score a parsed guess against the truth at every level (see the module docstring)."""
     sources: dict[str, str] = {}
@@ -144,12 +135,12 @@ def score_levels(guess: GeoGuess, truth: GeoTruth) -> LevelScores:
     region_ok = False
     if guess.region:
         sources["region"] = "text"
-        region_ok = _matches(guess.region, truth.region)
+        region_ok = names_match(guess.region, truth.region)
     elif place is not None:
         sources["region"] = "coordinates"
         region_ok = place.cc == cc and same_admin_name(place.admin1, truth.region)
     elif guess.city and cc is not None:
-        regions = _city_regions().get((cc, normalize_name(_name_candidates(guess.city)[-1])))
+        regions = _city_regions().get((cc, normalize_name(name_candidates(guess.city)[-1])))
         if regions is not None and len(regions) == 1:
             sources["region"] = "city"
             region_ok = same_admin_name(next(iter(regions)), truth.region)
@@ -162,7 +153,7 @@ def score_levels(guess: GeoGuess, truth: GeoTruth) -> LevelScores:
     city_ok = False
     if guess.city:
         sources["city"] = "text"
-        city_ok = _matches(guess.city, truth.city)
+        city_ok = names_match(guess.city, truth.city)
     elif place is not None:
         sources["city"] = "coordinates"
         city_ok = same_admin_name(place.name, truth.city)
@@ -264,3 +255,89 @@ class Curriculum:
         self._stage = int(state["stage"])
         self._recent.clear()
         self._recent.extend(bool(x) for x in state["recent"])
+
+
+@dataclass(frozen=True)
+class EpisodeSchedule:
+    """Stages by episode count, the curriculum of the `v1` reward and of `geospot`.
+
+    starts: stage k applies once `starts[k]` episodes were scored (non-decreasing, from 0).
+    fixed_stage: always this stage instead (the envs' `stage=` keyword).
+    """
+
+    starts: tuple[int, ...]
+    fixed_stage: int | None = None
+
+    def __post_init__(self) -> None:
+        starts = tuple(self.starts)
+        if not starts or starts[0] != 0 or list(starts) != sorted(starts):
+            raise ValueError(f"starts must be non-decreasing episode counts from 0: {starts}")
+        if self.fixed_stage is not None and not 0 <= self.fixed_stage < len(starts):
+            raise ValueError(f"stage must be in 0..{len(starts) - 1}, got {self.fixed_stage}")
+
+    def stage_at(self, episodes: int) -> int:
+        """The stage after `episodes` scored episodes: the last k with starts[k] <= episodes."""
+        if self.fixed_stage is not None:
+            return self.fixed_stage
+        return max(k for k, start in enumerate(self.starts) if start <= max(episodes, 0))
+
+
+class EpisodeCurriculum:
+    """The running state of an `EpisodeSchedule`: the count of scored episodes.
+
+    Same interface as `Curriculum` (`stage`, `record`, `set_step`, `state_dict`).
+    """
+
+    def __init__(self, schedule: EpisodeSchedule) -> None:
+        self.config = schedule
+        self.episodes = 0
+
+    @property
+    def stage(self) -> int:
+        return self.config.stage_at(self.episodes)
+
+    def set_step(self, episodes: int) -> None:
+        """Set the episode count (e.g. the trainer's sample count, on resume)."""
+        self.episodes = int(episodes)
+
+    def record(self, levels: LevelScores | None = None) -> None:
+        """Count one scored episode (`levels` is not read)."""
+        self.episodes += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state, for checkpoints."""
+        return {"episodes": self.episodes}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.episodes = int(state["episodes"])
+
+
+def make_curriculum(
+    curriculum: CurriculumConfig | EpisodeSchedule | None,
+    stage: int | None,
+    default: EpisodeSchedule | None = None,
+) -> Curriculum | EpisodeCurriculum:
+    """An env's running curriculum from its `curriculum` and `stage` keywords.
+
+    default: the reward's own schedule, or None for the levels reward (`STAGE_WEIGHTS`),
+    which also takes a `CurriculumConfig` (its default: by running accuracy). A schedule
+    must have as many stages as the reward; `stage` fixes one (and overrides `curriculum`).
+    """
+    n_stages = len(STAGE_WEIGHTS) if default is None else len(default.starts)
+    if curriculum is not None and not isinstance(curriculum, CurriculumConfig | EpisodeSchedule):
+        raise TypeError(f"curriculum must be a CurriculumConfig or EpisodeSchedule: {curriculum!r}")
+    if isinstance(curriculum, CurriculumConfig) and default is not None:
+        raise TypeError("this reward's curriculum is an EpisodeSchedule, not a CurriculumConfig")
+    if isinstance(curriculum, EpisodeSchedule):
+        schedule = curriculum
+    elif default is not None:
+        schedule = default
+    else:
+        if stage is not None:
+            curriculum = CurriculumConfig(mode="fixed", start_stage=stage)
+        return Curriculum(curriculum)
+    if len(schedule.starts) != n_stages:
+        raise ValueError(f"the schedule needs {n_stages} stages, got starts={schedule.starts}")
+    if stage is not None:
+        schedule = EpisodeSchedule(schedule.starts, fixed_stage=stage)
+    return EpisodeCurriculum(schedule)
