@@ -13,7 +13,13 @@ from fixtures.datasets import write_osv5m
 from vlmgym_envs.geoguessr.metrics import osv5m_metrics
 from vlmgym_model import Processor, Sampler, load_model
 from vlmgym_train.eval_cli import main as eval_main
-from vlmgym_train.evaluate import EvalConfig, compute_metrics, evaluate, write_plots
+from vlmgym_train.evaluate import (
+    EvalConfig,
+    EvalOutputError,
+    compute_metrics,
+    evaluate,
+    write_plots,
+)
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +29,33 @@ def model(tiny_model_dir):
     return config, params, sampler
 
 
-def run(model, env, out, **kw):
+def run(model, env, out, identity=None, overwrite=False, **kw):
     _, params, sampler = model
     cfg = EvalConfig(num_generation_tokens=4, batch_size=4, **kw)
-    return evaluate(params, sampler, env, cfg, output_dir=out)
+    return evaluate(params, sampler, env, cfg, out, identity=identity, overwrite=overwrite)
+
+
+def test_another_evaluations_outputs_are_refused_not_reused(model, tmp_path):
+    env = vlmgym_envs.make("shapes")
+    first = run(model, env, tmp_path, identity={"model": "a"}, max_eval_tasks=4)
+    records = (tmp_path / "records.jsonl").read_text()
+    for identity, kw, differs in [
+        ({"model": "b"}, {}, "identity.model"),
+        ({"model": "a"}, {"temperature": 1.0}, "sampling.temperature"),
+        ({"model": "a"}, {"max_eval_tasks": 3}, "sampling.max_eval_tasks, tasks.count"),
+    ]:
+        with pytest.raises(EvalOutputError, match=differs):
+            run(model, env, tmp_path, identity=identity, **{"max_eval_tasks": 4, **kw})
+        assert (tmp_path / "records.jsonl").read_text() == records  # untouched
+    # the same evaluation resumes (nothing left to do); outputs of unknown origin are refused
+    again = run(model, env, tmp_path, identity={"model": "a"}, max_eval_tasks=4)
+    assert again.metrics["reward/mean"] == first.metrics["reward/mean"]
+    (tmp_path / "eval_key.json").unlink()
+    with pytest.raises(EvalOutputError, match="unknown settings"):
+        run(model, env, tmp_path, identity={"model": "a"}, max_eval_tasks=4)
+    other = run(model, env, tmp_path, identity={"model": "b"}, overwrite=True, max_eval_tasks=2)
+    assert other.metrics["tasks"] == 2.0
+    assert len((tmp_path / "records.jsonl").read_text().splitlines()) == 2
 
 
 def test_shapes_metrics_equal_the_envs_scoring(model, tmp_path):

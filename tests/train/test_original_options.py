@@ -109,10 +109,23 @@ def test_the_batch_kl_coefficient_replaces_the_configs():
 
 
 class MetricShapes(ShapesEnv):
-    """`shapes` whose step metrics count the step's episodes."""
+    """`shapes` whose step metrics count the step's episodes, and which keeps a count of
+    the episodes it scored in its checkpointed state (as a curriculum does)."""
+
+    scored = 0
+
+    def step(self, state, text):
+        self.scored += 1
+        return super().step(state, text)
 
     def step_metrics(self, infos):
         return {"episodes": float(len(infos))}
+
+    def state_dict(self):
+        return {"scored": self.scored}
+
+    def load_state_dict(self, state):
+        self.scored = state["scored"]
 
 
 def test_trainer_runs_the_original_options_and_resumes_the_controller(tmp_path):
@@ -144,5 +157,6 @@ def test_trainer_runs_the_original_options_and_resumes_the_controller(tmp_path):
         trainer.checkpointer.wait()
         resumed = Trainer(cfg.replace(resume=True))
         assert resumed.kl.coef == trainer.kl.coef
+        assert resumed.env.scored == trainer.env.scored == 24  # 3 rollouts of 8
     finally:
         vlmgym_envs.unregister("metric_shapes")

@@ -45,7 +45,7 @@ def test_every_setting_is_a_flag_and_a_flat_name():
 def test_checks_that_span_sections():
     with pytest.raises(ValueError, match="--minibatches 3 must divide"):
         TrainConfig.flat(minibatches=3)
-    with pytest.raises(ValueError, match="rloo needs --group_size >= 2"):
+    with pytest.raises(ValueError, match="rloo with --group_size 1"):
         TrainConfig.flat(advantage="rloo", group_size=1)
     with pytest.raises(ValueError, match="--resume needs --save_dir"):
         TrainConfig.flat(resume=True)

@@ -62,7 +62,8 @@ def metrics_rows(run: Path) -> list[dict]:
 
 
 def test_kill_and_resume_matches_uninterrupted(tmp_path):
-    steps = ["--total_steps=24", "--save_interval=4"]
+    # two updates per step: checkpoints, intervals and metrics must all count steps
+    steps = ["--total_steps=24", "--save_interval=4", "--minibatches=2"]
     full, killed = tmp_path / "full", tmp_path / "killed"
     env = env_without_xla_flags()
     subprocess.run(cli(f"--save_dir={full}", *SMALL, *steps), check=True, env=env, timeout=900)
@@ -82,6 +83,7 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
     subprocess.run(
         cli(f"--save_dir={killed}", "--resume", *SMALL, *steps), check=True, env=env, timeout=900
     )
+    assert sorted(int(p.name) for p in (full / "checkpoints").iterdir()) == [16, 20, 24]
     a = metrics_rows(full)
     b = metrics_rows(killed)
     assert [r["step"] for r in b] == list(range(1, 25))
@@ -152,11 +154,11 @@ def test_minibatches_keep_rows_aligned_with_their_reference(tmp_path, minibatche
     # Minibatches of rows from any prompts, and a second step: one compiled update.
     trainer.step(1)
     assert trainer.step_fn._cache_size() == 1
-    # --save_interval counts steps; checkpoints are numbered by optimizer updates.
+    # --save_interval and the checkpoints' numbers count steps, not optimizer updates.
     trainer.save(1)
     trainer.save(2)
     trainer.checkpointer.wait()
-    assert trainer.checkpointer.all_steps() == [2 * cfg.updates_per_step]
+    assert trainer.checkpointer.all_steps() == [2]
 
 
 def test_overlong_penalty_reads_each_trajectorys_completion_length(tmp_path):

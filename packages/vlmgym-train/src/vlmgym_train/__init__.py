@@ -6,14 +6,15 @@ logging, evaluation, export), `rollout` (sampling groups and scoring them in the
 `batch` (the one training-batch pytree and its minibatch slicing), `microbatch`
 (an update's gradient accumulated over micro-batches; how trained params, full or LoRA,
 become the model's weights), `losses`, `shaping` (DAPO's masks and penalty),
-`advantages`, `optim`, `checkpointing`, `config` (every setting, in sections: rollout,
-algorithm, optim, mesh, run; flat on the command line), `plan` (`--plan`: per-device
-memory from compiled programs), `evaluate`, `distributed`.
+`advantages`, `kl_control` (fixed or adaptive KL coefficient), `optim`, `checkpointing`,
+`config` (every setting, in the sections of `sections`: rollout, algorithm, optim, mesh,
+run; flat on the command line), `plan` (`--plan`: per-device memory from compiled
+programs), `evaluate`, `distributed`.
 
 Public API:
 - advantages: `get_advantage(name)(rewards[G, n]) -> [G, n]` for "grpo", "dr_grpo", "rloo",
   "reinforce", "reinforce_plus_plus"; `register_advantage`, `ADVANTAGES`,
-  `dynamic_sampling_mask(rewards) -> bool[G]`
+  `dynamic_sampling_mask(rewards) -> bool[G]`, `global_normalise`, `clip_advantages`
 - losses: `get_loss(name)(LossInputs, LossConfig) -> (loss, metrics)` for "ppo_clip",
   "gspo", "reinforce"; `register_loss`, `LOSSES`, `aggregate`, `kl_penalty`
 - shaping: `mask_truncated`, `overlong_penalty`

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from vlmgym_model import is_large_checkpoint, malloc_in_use, parse_args, tune_for_checkpoint
 
 from vlmgym_train.config import TrainConfig
+from vlmgym_train.errors import USER_ERRORS, user_message
 
 
 def main(argv: Sequence[str] | None = None, *, tune_malloc: bool = False) -> int:
@@ -17,15 +18,19 @@ def main(argv: Sequence[str] | None = None, *, tune_malloc: bool = False) -> int
         tune_for_checkpoint(cfg.model_dir)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("vlmgym_train").setLevel(logging.INFO)
-    if cfg.run.plan:
-        return plan(cfg)
+    try:
+        return plan(cfg) if cfg.run.plan else _train(cfg)
+    except USER_ERRORS as err:
+        if cfg.run.debug:
+            raise
+        print(f"vlmgym-train: error: {user_message(err)}", file=sys.stderr)
+        return 2
+
+
+def _train(cfg: TrainConfig) -> int:
     from vlmgym_train.trainer import Trainer, TrainingError
 
-    try:
-        trainer = Trainer(cfg)
-    except (FileExistsError, FileNotFoundError, ValueError) as err:
-        print(f"vlmgym-train: error: {err}", file=sys.stderr)
-        return 2
+    trainer = Trainer(cfg)
     print(f"vlmgym-train: run directory {trainer.run_dir}", file=sys.stderr)
     import jax
 
@@ -59,15 +64,11 @@ def plan(cfg: TrainConfig) -> int:
     simulate_cpu_devices(cfg.mesh.data * max(cfg.mesh.fsdp, 1) * cfg.mesh.tensor)
     from vlmgym_train.plan import format_plan, plan_memory, write_plan
 
-    try:
-        result = plan_memory(
-            cfg,
-            max_prompt_tokens=cfg.rollout.max_prompt_tokens or 512,
-            image_size=cfg.run.plan_image_size,
-        )
-    except (FileNotFoundError, ValueError) as err:
-        print(f"vlmgym-train: error: {err}", file=sys.stderr)
-        return 2
+    result = plan_memory(
+        cfg,
+        max_prompt_tokens=cfg.rollout.max_prompt_tokens or 512,
+        image_size=cfg.run.plan_image_size,
+    )
     print(format_plan(result))
     path = write_plan(result, cfg.run.save_dir or ".")
     print(f"vlmgym-train: wrote {path}", file=sys.stderr)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from collections.abc import Sequence
+from typing import Literal
 
 from vlmgym_model import flag, parse_args, tune_for_checkpoint
+
+from vlmgym_train.errors import USER_ERRORS, make_env, user_message
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,7 +19,8 @@ class EvalArgs:
     """Evaluate a vlm-gym model directory on an environment.
 
     Writes metrics.json, records.jsonl (every task's prompt, completion, parsed answer,
-    reward and info) and plots to --output_dir; rerunning resumes a partial output.
+    reward and info) and plots to --output_dir; rerunning the same evaluation resumes a
+    partial output, and another evaluation's outputs there are refused (--overwrite).
     """
 
     model_dir: str = flag(help="model directory to evaluate", aliases=("--ckpt_dir",))
@@ -34,31 +39,66 @@ class EvalArgs:
         None, "image pixel budget (default: preprocessor config)", aliases=("--max_pixels",)
     )
     output_dir: str = flag("eval_out", "where outputs go")
-    dtype: str = flag("bfloat16", "weight dtype: bfloat16 or float32")
+    overwrite: bool = flag(False, "delete another evaluation's outputs in --output_dir first")
+    dtype: Literal["bfloat16", "float32"] = flag("bfloat16", "weight dtype")
     attention_impl: str = flag("xla", "attention implementation")
+    debug: bool = flag(False, "show the traceback of an error")
+
+    def __post_init__(self) -> None:
+        for name in ("num_samples", "num_generation_tokens", "inference_batch_per_device",
+                     "max_eval_tasks", "vlm_max_pixels"):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be >= 1, got {value}")
+        if not 0 <= self.temperature < math.inf:
+            raise ValueError(f"--temperature must be >= 0 (0: greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top_p must be in (0, 1] (1: off), got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"--top_k must be >= 0 (0: off), got {self.top_k}")
+        if self.dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"--dtype must be bfloat16 or float32, got {self.dtype!r}")
+        try:
+            kwargs = json.loads(self.env_kwargs)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--env_kwargs is not valid JSON: {err}") from None
+        if not isinstance(kwargs, dict):
+            raise ValueError("--env_kwargs must be a JSON object")
 
 
 def main(argv: Sequence[str] | None = None, *, tune_malloc: bool = False) -> int:
     args = parse_args(EvalArgs, argv, prog="vlmgym-eval")
     if tune_malloc:  # before the first JAX computation (vlmgym_model.host_malloc)
         tune_for_checkpoint(args.model_dir)
+    try:
+        return _evaluate(args)
+    except USER_ERRORS as err:
+        if args.debug:
+            raise
+        print(f"vlmgym-eval: error: {user_message(err)}", file=sys.stderr)
+        return 2
+
+
+def _evaluate(args: EvalArgs) -> int:
     import jax
     import jax.numpy as jnp
-    from vlmgym_envs import make
-    from vlmgym_model import Processor, Sampler, load_model
+    from vlmgym_model import Processor, Sampler, load_model, model_fingerprint
 
     from vlmgym_train.evaluate import EvalConfig, evaluate
 
-    try:
-        kwargs = json.loads(args.env_kwargs)
-        if args.split is not None:
-            kwargs["split"] = args.split
-        env = make(args.env_name, **kwargs)
-        config, params = load_model(args.model_dir, dtype=getattr(jnp, args.dtype))
-        processor = Processor.from_model_dir(args.model_dir)
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        print(f"vlmgym-eval: error: {err}", file=sys.stderr)
-        return 2
+    kwargs = json.loads(args.env_kwargs)
+    if args.split is not None:
+        kwargs["split"] = args.split
+    env = make_env(args.env_name, kwargs)
+    identity = {
+        "model_fingerprint": model_fingerprint(args.model_dir),
+        "env_name": args.env_name,
+        "env_kwargs": kwargs,
+        "dtype": args.dtype,
+        "vlm_max_pixels": args.vlm_max_pixels,
+    }
+    config, params = load_model(args.model_dir, dtype=getattr(jnp, args.dtype))
+    processor = Processor.from_model_dir(args.model_dir)
     sampler = Sampler(config, processor, impl=args.attention_impl, max_pixels=args.vlm_max_pixels)
     result = evaluate(
         params,
@@ -76,6 +116,8 @@ def main(argv: Sequence[str] | None = None, *, tune_malloc: bool = False) -> int
             progress=True,
         ),
         output_dir=args.output_dir,
+        identity=identity,
+        overwrite=args.overwrite,
     )
     width = max(len(k) for k in result.metrics)
     print(f"{'metric':<{width}}  value")

@@ -1,9 +1,13 @@
 """Evaluation: sample completions for an environment's tasks, score them, report metrics.
 
 Outputs in `output_dir`:
+- `eval_key.json`: what produced the outputs: the model's identity (the caller's, e.g. its
+  fingerprint, env name and kwargs, dtype), the sampling settings, the environment's class
+  and size, and a hash of the task list. A rerun into the same directory resumes only when
+  its key is the same; otherwise it is refused (`EvalOutputError`) unless `overwrite`.
 - `records.jsonl`: one line per (task, sample): prompt, image reference, completion,
-  parsed answer, reward, info. Read back on a rerun: finished tasks are skipped, so an
-  interrupted evaluation resumes where it stopped.
+  parsed answer, reward, info. Read back on a rerun with the same key: finished tasks are
+  skipped, so an interrupted evaluation resumes where it stopped.
 - `metrics.json`: the environment's own metrics (`Env.metrics` over each task's first
   sample), plus reward mean, and pass@k / mean@k with several samples per task.
 - plots: the environment's own (`Env.plots`; osv5m draws a world scatter of guesses
@@ -15,6 +19,7 @@ Deterministic for a fixed seed: task order, sampling keys and batches depend onl
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import sys
 import time
@@ -28,7 +33,7 @@ import numpy as np
 from vlmgym_envs import Env
 from vlmgym_model import Sampler, SamplingParams
 
-from vlmgym_train.jsonable import jsonable
+from vlmgym_train.jsonable import atomic_write_text, jsonable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +47,10 @@ class EvalConfig:
     seed: int = 0
     batch_size: int = 8  # tasks per sampler call
     progress: bool = False
+
+
+class EvalOutputError(ValueError):
+    """The output directory holds another evaluation's outputs."""
 
 
 @dataclasses.dataclass
@@ -124,20 +133,76 @@ def _load_existing(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+OUTPUT_FILES = ("eval_key.json", "records.jsonl", "metrics.json")
+
+
+def eval_key(env: Env, cfg: EvalConfig, tasks: list[int], identity: Any) -> dict[str, Any]:
+    """What an evaluation's outputs depend on (see the module docstring), as JSON."""
+    settings = {
+        k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("progress", "batch_size")
+    }
+    digest = hashlib.sha256(json.dumps(tasks).encode()).hexdigest()[:16]
+    return jsonable(
+        {
+            "identity": identity,
+            "sampling": settings,
+            "env_class": f"{type(env).__module__}.{type(env).__qualname__}",
+            "env_size": len(env),
+            "tasks": {"count": len(tasks), "sha256": digest},
+        }
+    )
+
+
+def _differences(saved: Any, now: Any, stem: str = "") -> list[str]:
+    """Dotted names of the entries that differ between two JSON values."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return [
+            d
+            for k in sorted(set(saved) | set(now))
+            for d in _differences(saved.get(k), now.get(k), f"{stem}{k}.")
+        ]
+    return [] if saved == now else [stem.rstrip(".") or "key"]
+
+
+def _check_key(out: Path, key: dict[str, Any], overwrite: bool) -> None:
+    """Claim `out` for the evaluation `key`: resume when it is ours, refuse another's."""
+    out.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for name in OUTPUT_FILES:
+            (out / name).unlink(missing_ok=True)
+    key_file, records = out / "eval_key.json", out / "records.jsonl"
+    if key_file.is_file():
+        try:
+            saved = json.loads(key_file.read_text())
+        except json.JSONDecodeError:
+            saved = None
+        if saved != key:
+            differ = _differences(saved, key) if isinstance(saved, dict) else ["unreadable"]
+            raise EvalOutputError(
+                f"{out} holds another evaluation's outputs (it differs in: "
+                f"{', '.join(differ)}); choose another --output_dir or pass --overwrite"
+            )
+    elif records.is_file() and records.stat().st_size:
+        raise EvalOutputError(
+            f"{records} was written by an evaluation of unknown settings; choose another "
+            "--output_dir or pass --overwrite"
+        )
+    atomic_write_text(key_file, json.dumps(key, indent=2, sort_keys=True) + "\n")
+
+
 def _resume(out: Path, num_samples: int) -> tuple[list[dict[str, Any]], set[int]]:
     """Records of the tasks a previous run of this evaluation finished, and those tasks.
 
     The records file is rewritten without partly sampled tasks, so appends continue from
     a clean file.
     """
-    out.mkdir(parents=True, exist_ok=True)
     previous = _load_existing(out / "records.jsonl")
     counts: dict[int, int] = defaultdict(int)
     for r in previous:
         counts[r["task"]] += 1
     done = {t for t, c in counts.items() if c >= num_samples}
     records = [r for r in previous if r["task"] in done]
-    (out / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    atomic_write_text(out / "records.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     return records, done
 
 
@@ -171,18 +236,29 @@ def evaluate(
     env: Env,
     cfg: EvalConfig,
     output_dir: str | Path | None = None,
+    *,
+    identity: Any = None,
+    overwrite: bool = False,
 ) -> EvalResult:
     """Evaluate `params` on `env`; write records, metrics and plots to `output_dir`.
 
-    With an `output_dir` that holds a killed run's records, the tasks it finished are
-    kept and the rest are sampled: the result equals an uninterrupted run's.
+    identity: JSON describing the model (and anything else the results depend on that
+    `cfg` does not hold), recorded in `eval_key.json`.
+    With an `output_dir` that holds a killed run of the same evaluation (same key), the
+    tasks it finished are kept and the rest are sampled: the result equals an
+    uninterrupted run's. Another evaluation's outputs there raise `EvalOutputError`
+    (unless `overwrite`, which deletes them first).
     """
     total = len(env) if cfg.max_eval_tasks is None else min(len(env), cfg.max_eval_tasks)
     if total < 1:
         raise ValueError("the environment has no tasks to evaluate")
     tasks = np.random.default_rng(cfg.seed).permutation(len(env))[:total].tolist()
     out = Path(output_dir) if output_dir is not None else None
-    records, done = _resume(out, cfg.num_samples) if out is not None else ([], set())
+    records: list[dict[str, Any]] = []
+    done: set[int] = set()
+    if out is not None:
+        _check_key(out, eval_key(env, cfg, tasks, identity), overwrite)
+        records, done = _resume(out, cfg.num_samples)
     sampling = SamplingParams(
         max_new_tokens=cfg.num_generation_tokens,
         temperature=cfg.temperature,
@@ -225,7 +301,8 @@ def evaluate(
     metrics["eval_seconds"] = time.perf_counter() - start
     if out is not None:
         stable = {k: v for k, v in metrics.items() if k != "eval_seconds"}
-        (out / "metrics.json").write_text(json.dumps(stable, indent=2, sort_keys=True) + "\n")
+        text = json.dumps(stable, indent=2, sort_keys=True) + "\n"
+        atomic_write_text(out / "metrics.json", text)
         write_plots(env, records, out)
     return EvalResult(metrics=metrics, records=records)
 

@@ -1,10 +1,14 @@
 """One JSON-safe conversion for everything vlm-gym writes as JSON (checkpoint metadata,
-evaluation records, rollouts sent between hosts)."""
+evaluation records, rollouts sent between hosts), and the atomic text write it goes
+through."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,3 +34,20 @@ def jsonable(x: Any, *, nan_to_null: bool = True) -> Any:
     if x is None or isinstance(x, str | int | float | bool):
         return x
     return str(x)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write `text` to `path` so a reader sees the old file or the new one, never a part:
+    a temporary sibling is written, fsynced and renamed over `path`. A failure (a full
+    disk) leaves the old file and no temporary behind."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from vlmgym_envs import Env
-from vlmgym_envs import make as make_env
 from vlmgym_model import (
     Processor,
     Sampler,
@@ -45,6 +44,7 @@ from vlmgym_train import distributed
 from vlmgym_train.advantages import get_advantage
 from vlmgym_train.checkpointing import TrainCheckpointer, TrainState
 from vlmgym_train.config import TrainConfig
+from vlmgym_train.errors import make_env
 from vlmgym_train.grpo import DataOrder, StepSetup, grpo_step, train_step
 from vlmgym_train.kl_control import KLController
 from vlmgym_train.metrics_log import MetricsLogger, plot_rewards
@@ -58,6 +58,14 @@ from vlmgym_train.optim import (
 from vlmgym_train.plan import warn_if_over_memory
 
 log = logging.getLogger("vlmgym_train")
+
+
+def _complete_checkpoints(directory: Path) -> list[str]:
+    """The complete checkpoints in `directory` (orbax renames a step's folder to its bare
+    number once written; an interrupted save leaves only a temporary folder)."""
+    if not directory.is_dir():
+        return []
+    return [p.name for p in directory.iterdir() if p.is_dir() and p.name.isdigit()]
 
 
 class TrainingError(RuntimeError):
@@ -99,8 +107,11 @@ class Trainer:
                 f"--groups_per_batch {cfg.rollout.groups_per_batch} must be a multiple of the "
                 f"{jax.process_count()} processes (each rolls out an equal share)"
             )
+        # the envs first: a bad name or keyword fails before anything is written
+        self.env: Env = make_env(cfg.env_name, cfg.env_kwargs_dict)
+        if cfg.run.test_env_name:
+            make_env(cfg.run.test_env_name, cfg.env_kwargs_dict)
         self.run_dir = self._run_dir()
-        self.env: Env = make_env(cfg.env_name, **cfg.env_kwargs_dict)
         self.model_dir = self._model_dir()
         self.mesh = distributed.process_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
         self.rules = ShardingRules()
@@ -131,17 +142,18 @@ class Trainer:
         if cfg.algorithm.kl_coef > 0:
             self.ref_params = params if self.lora is not None else jax.tree.map(jnp.copy, params)
         del params
-        # Checkpoints are numbered by optimizer updates; --save_interval counts steps.
+        # Checkpoints, --save_interval and metrics.jsonl all count training steps.
         self.checkpointer = TrainCheckpointer(
             self.run_dir / "checkpoints",
             max_to_keep=cfg.run.keep_checkpoints,
-            save_interval=cfg.run.save_interval * cfg.updates_per_step,
+            save_interval=cfg.run.save_interval,
         )
         self.data = DataOrder(len(self.env), cfg.seed)
         self.kl = None
         if cfg.algorithm.kl_coef > 0:
             self.kl = KLController(cfg.algorithm.kl_coef, cfg.algorithm.kl_target)
         resume_step = self._resume() if cfg.run.resume else None
+        self.start_step = resume_step or 0
         self.logger = (
             MetricsLogger(
                 self.run_dir,
@@ -166,8 +178,7 @@ class Trainer:
         run_dir = Path(
             cfg.run.save_dir or distributed.allgather_bytes(default_dir.encode())[0].decode()
         )
-        ckpt_dir = run_dir / "checkpoints"
-        if not cfg.run.resume and ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
+        if not cfg.run.resume and _complete_checkpoints(run_dir / "checkpoints"):
             raise FileExistsError(
                 f"{run_dir} already holds checkpoints; pass --resume to continue it or "
                 "choose another --save_dir"
@@ -218,8 +229,15 @@ class Trainer:
             return None
         return {"model_dir": str(self.model_dir), "fingerprint": model_fingerprint(self.model_dir)}
 
-    def _resume(self) -> int:
-        saved = (self.checkpointer.read_meta().get("extra") or {}).get("lora_base")
+    def _resume(self) -> int | None:
+        """Restore the latest checkpoint (None when the run has none yet: a run killed
+        before its first save starts again from step 0)."""
+        if self.checkpointer.latest_step() is None:
+            log.warning("%s has no complete checkpoint yet; starting at step 0", self.run_dir)
+            return None
+        meta = self.checkpointer.read_meta()
+        self._check_resumed_config(meta.get("config") or {})
+        saved = (meta.get("extra") or {}).get("lora_base")
         if (saved is None) != (self.lora is None):
             raise ValueError(
                 f"the checkpoints in {self.run_dir} were "
@@ -235,11 +253,25 @@ class Trainer:
         restored = self.checkpointer.restore(abstract_state=self.state)
         self.state = restored.state
         self.data.position = int(restored.data_position)
+        self.env.load_state_dict((restored.extra or {}).get("env_state") or {})
         kl_coef = (restored.extra or {}).get("kl_coef")
         if self.kl is not None and self.kl.adaptive and kl_coef is not None:
             self.kl.coef = float(kl_coef)  # where the controller had got to
         log.info("resumed %s at step %d", self.run_dir, restored.step)
         return restored.step
+
+    def _check_resumed_config(self, saved: dict[str, Any]) -> None:
+        """Refuse to resume with settings that change the run, unless allowed."""
+        changes = self.cfg.changes_from(saved)
+        if not changes:
+            return
+        listed = "; ".join(changes)
+        if not self.cfg.run.allow_config_change:
+            raise ValueError(
+                f"--resume with settings that differ from the run in {self.run_dir}: {listed}. "
+                "Resume with the run's own flags, or pass --allow_config_change to apply them"
+            )
+        log.warning("resuming %s with changed settings: %s", self.run_dir, listed)
 
     def _step_setup(self) -> StepSetup:
         """What `grpo_step` reads: the env, the sampler, the jitted update and placement."""
@@ -352,7 +384,7 @@ class Trainer:
     def run(self) -> list[dict[str, float]]:
         """Train until `total_steps`; returns the metrics of every step taken."""
         cfg = self.cfg
-        start = int(self.state.step) // cfg.updates_per_step
+        start = self.start_step
         bar = None
         if cfg.run.progress and self.is_main:
             from tqdm.auto import tqdm
@@ -394,7 +426,7 @@ class Trainer:
 
     def save(self, step: int, force: bool = False) -> None:
         self.checkpointer.save(
-            step * self.cfg.updates_per_step,
+            step,
             self.state,
             data_position=self.data.position,
             config=dataclasses.asdict(self.cfg),
@@ -409,6 +441,9 @@ class Trainer:
             extra["lora_base"] = self.lora_base
         if self.kl is not None and self.kl.adaptive:
             extra["kl_coef"] = self.kl.coef
+        env_state = self.env.state_dict()
+        if env_state:
+            extra["env_state"] = env_state
         return extra or None
 
     def evaluate(self, step: int) -> dict[str, float]:
@@ -422,7 +457,7 @@ class Trainer:
         result = evaluate(
             params,
             self.sampler,
-            make_env(cfg.run.test_env_name or cfg.env_name, **cfg.env_kwargs_dict),
+            make_env(cfg.run.test_env_name or cfg.env_name, cfg.env_kwargs_dict),
             EvalConfig(
                 max_eval_tasks=cfg.run.test_tasks,
                 num_generation_tokens=self.max_new_tokens,
