@@ -48,3 +48,36 @@ def test_bad_inputs_fail_with_a_message(tiny_model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):  # neither a prompt nor an image
         main(["--model_dir", str(tiny_model_dir)])
     assert "--prompt" in capsys.readouterr().err
+
+
+def test_a_text_only_chat_template_reads_the_prompt_as_a_string(tiny_model_dir, tmp_path, capsys):
+    """A text model's template concatenates `message['content']` as a string (HF users pass
+    text as a string); a content list would end in a Jinja TypeError."""
+    import json
+    import shutil
+
+    model = tmp_path / "text_template"
+    shutil.copytree(tiny_model_dir, model)
+    template = (
+        "{% for message in messages %}<|im_start|>{{ message['role'] + '\\n' + "
+        "message['content'] + '<|im_end|>\\n' }}{% endfor %}<|im_start|>assistant\\n"
+    )
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    (model / "chat_template.json").unlink(missing_ok=True)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["chat_template"] = template
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    assert (
+        main(["--model_dir", str(model), "--prompt", "hello", "--system", "be brief", *FAST]) == 0
+    )
+    assert "tokens/s" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flag", ["--temperature=-1", "--temperature=nan", "--top_p=0", "--num_samples=0",
+             "--max_pixels=0"],
+)  # fmt: skip
+def test_sampling_options_are_checked_before_loading(tmp_path, capsys, flag):
+    with pytest.raises(SystemExit) as stop:  # the model directory does not even exist
+        main(["--model_dir", str(tmp_path / "none"), "--prompt", "x", flag])
+    assert stop.value.code == 2 and flag.split("=")[0].lstrip("-") in capsys.readouterr().err

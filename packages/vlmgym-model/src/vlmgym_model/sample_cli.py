@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from vlmgym_model.cli import flag, parse_args
 from vlmgym_model.host_malloc import tune_for_checkpoint
@@ -39,11 +40,29 @@ class SampleArgs:
     )
     attention_impl: str = flag("xla", "attention implementation (see vlmgym_kernels)")
 
+    debug: bool = flag(False, "show the traceback of an error")
+
     def __post_init__(self) -> None:
         if not self.prompt and not self.image:
             raise ValueError("give a --prompt, an --image, or both")
         if self.dtype not in ("bfloat16", "float32"):
             raise ValueError(f"--dtype must be bfloat16 or float32, got {self.dtype!r}")
+        if self.vlm_max_pixels is not None and self.vlm_max_pixels < 1:
+            raise ValueError(f"--vlm_max_pixels must be >= 1, got {self.vlm_max_pixels}")
+        self.sampling()  # the sampling options are checked before any weight is read
+
+    def sampling(self) -> Any:
+        """The sampling options (`SamplingParams` checks them)."""
+        from vlmgym_model.sampling_math import SamplingParams
+
+        return SamplingParams(
+            max_new_tokens=self.num_generation_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            num_samples=self.num_samples,
+        )
 
 
 def main(argv: Sequence[str] | None = None, *, tune_malloc: bool = False) -> int:
@@ -57,7 +76,7 @@ def main(argv: Sequence[str] | None = None, *, tune_malloc: bool = False) -> int
 
     from vlmgym_model.checkpoint import load_model
     from vlmgym_model.processing import Processor
-    from vlmgym_model.sampling import Sampler, SamplingParams
+    from vlmgym_model.sampling import Sampler
 
     content: list[dict] = []
     for path in args.image:
@@ -70,25 +89,22 @@ def main(argv: Sequence[str] | None = None, *, tune_malloc: bool = False) -> int
             return 2
     if args.prompt:
         content.append({"type": "text", "text": args.prompt})
-    messages = [{"role": "user", "content": content}]
+    # text alone as a plain string, as HF users write it (templates of text-only models read
+    # the content as a string)
+    messages = [{"role": "user", "content": content if args.image else args.prompt}]
     if args.system:
         messages.insert(0, {"role": "system", "content": args.system})
 
     try:
         config, params = load_model(args.model_dir, dtype=getattr(jnp, args.dtype))
         processor = Processor.from_model_dir(args.model_dir)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"vlmgym-sample: error: {err}", file=sys.stderr)
+    except (OSError, ValueError) as err:
+        if args.debug:
+            raise
+        print(f"vlmgym-sample: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     sampler = Sampler(config, processor, impl=args.attention_impl, max_pixels=args.vlm_max_pixels)
-    sampling = SamplingParams(
-        max_new_tokens=args.num_generation_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        min_p=args.min_p,
-        num_samples=args.num_samples,
-    )
+    sampling = args.sampling()
     gen = sampler.generate(params, [messages], sampling, jax.random.key(args.seed))
     for i, sample in enumerate(gen.samples[0]):
         if args.num_samples > 1:
