@@ -59,7 +59,7 @@ def test_osv5m_curriculum_stage_fixed_at_reset(tmp_path):
 def test_osv5m_missing_images_are_skipped_and_counted(tmp_path):
     write_osv5m(tmp_path, skip_image=("1000000002",))
     env = vlmgym_envs.make("osv5m", data_dir=tmp_path)
-    assert len(env) == 3 and env.dataset.skipped == {"missing image": 1}
+    assert len(env) == 3 and env.skipped() == {"missing_image": 1}
     with pytest.raises(DataError, match="no image"):
         vlmgym_envs.make("osv5m", data_dir=tmp_path, on_missing_image="error")
 
@@ -278,7 +278,7 @@ def test_caption_coco(tmp_path):
     }
     (tmp_path / "captions.json").write_text(json.dumps(coco))
     env = vlmgym_envs.make("vision", annotations=tmp_path / "captions.json", image_dir=images)
-    assert len(env) == 2 and env.skipped == {"no caption": 1, "missing image": 1}
+    assert len(env) == 2 and env.skipped() == {"no_caption": 1, "missing_image": 1}
     state, obs = env.reset(0)
     assert obs.images[0].size == (32, 24)
     good = env.step(state, "a red square on white").reward
@@ -306,7 +306,7 @@ def test_caption_parquet(tmp_path):
         pa.Table.from_pylist(rows, schema=schema), tmp_path / "validation" / "0000.parquet"
     )
     env = vlmgym_envs.make("caption", data_dir=tmp_path)
-    assert len(env) == 1 and env.skipped == {"no caption": 1}
+    assert len(env) == 1 and env.skipped() == {"no_caption": 1}
     state, obs = env.reset(0)
     assert obs.images[0].getpixel((2, 2))[1] > 200
     # One image in the corpus: every idf is log(1/1) = 0, so CIDEr-D is 0 (as in coco-caption).

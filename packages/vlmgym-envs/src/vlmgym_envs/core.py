@@ -16,6 +16,12 @@ Contract every environment keeps:
 - Multi-turn: `step` may return `done=False` with `observation` and `state` set; the
   observation's messages are the ones to append to the conversation after the model's
   reply, and the next `step` takes `StepResult.state`.
+- Bad data: `reset(idx)` raises `SkipTask` (a `DataError` with a short `reason` such as
+  "corrupt_image", and a message naming the item) when task `idx` cannot be shown: a
+  corrupt, truncated or oversized image, a missing file. The caller takes another task; a
+  `reset` that raised changes nothing else. Any other exception is a bug or a dataset that
+  cannot be used at all. `skipped()` counts, per reason, everything the env left out so
+  far: rows dropped while loading its table and tasks whose `reset` raised `SkipTask`.
 """
 
 from __future__ import annotations
@@ -151,6 +157,12 @@ class Env(abc.ABC, Generic[StateT]):
         numbers, in `metrics.jsonl` and W&B; use this for what a mean cannot say
         (quantiles, shares within thresholds). Never raises on odd infos.
         """
+        return {}
+
+    def skipped(self) -> dict[str, int]:
+        """reason -> count of what this env left out so far, cumulative: rows dropped while
+        loading its data and tasks whose `reset` raised `SkipTask` (see the module
+        docstring). Empty by default; `data.errors.SkipCounts` keeps such counts."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:

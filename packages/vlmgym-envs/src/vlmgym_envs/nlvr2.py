@@ -6,6 +6,11 @@ Data: the `HuggingFaceM4/NLVR2` layout (DATA.md): columns `identifier`, `sentenc
 `datasets.save_to_disk` folder (needs the `datasets` library), or, without `data_dir`, from
 the dataset's parquet files in the Hugging Face hub cache.
 
+Rows with a label other than 0 / 1 ("bad_label") or an empty sentence ("no_sentence") are
+skipped while loading; an image that cannot be shown (corrupt, too large... within
+`ImageLimits`) raises `SkipTask` on `reset`. Both are counted and reported by
+`env.skipped()`.
+
 Reward: 1.0 when the answer read (`answers.parse_bool`: true/false/yes/no) equals the label,
 else 0.0. An ambiguous answer (both polarities) scores 0, sets `info["ambiguous"]` and is
 counted in `NLVR2Env.ambiguous_count`.
@@ -24,9 +29,20 @@ from PIL import Image
 
 from vlmgym_envs.answers import parse_bool
 from vlmgym_envs.core import Env, Observation, StepResult, system_message, user_message
-from vlmgym_envs.data.archives import DataError
+from vlmgym_envs.data.errors import DataError, SkipCounts, require_dir
 from vlmgym_envs.data.hub import hub_cache_dirs
-from vlmgym_envs.data.tables import ParquetRows, find_split_files, load_from_disk_rows
+from vlmgym_envs.data.images import (
+    DEFAULT_MAX_DECODED_PIXELS,
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    ImageLimits,
+)
+from vlmgym_envs.data.tables import (
+    ParquetRows,
+    find_split_files,
+    image_cell,
+    load_from_disk_rows,
+)
 
 HUB_REPO = "HuggingFaceM4/NLVR2"
 TEXT_COLUMNS: tuple[str, ...] = ("identifier", "sentence", "label")
@@ -56,28 +72,24 @@ def _hub_parquet_root(split: str) -> Path:
 
 
 class _DatasetRows:
-    """A `datasets.Dataset` seen through the `ParquetRows` interface."""
+    """A `datasets.Dataset` seen through the `ParquetRows` interface: its image columns are
+    read undecoded (`{"bytes", "path"}`) and decoded here, within the limits."""
 
     def __init__(self, data: Any) -> None:
+        import datasets
+
         missing = [c for c in [*TEXT_COLUMNS, *IMAGE_COLUMNS] if c not in data.column_names]
         if missing:
             raise DataError(f"dataset lacks column(s) {missing}")
+        for c in IMAGE_COLUMNS:
+            data = data.cast_column(c, datasets.Image(decode=False))
         self.data = data
         self.columns = {c: list(data[c]) for c in TEXT_COLUMNS}
         self.num_rows = len(data)
 
-    def images(self, row: int, max_side: int | None = None) -> list[Image.Image]:
+    def images(self, row: int, limits: ImageLimits | None = None) -> list[Image.Image]:
         record = self.data[row]
-        out = []
-        for c in IMAGE_COLUMNS:
-            image = record[c]
-            if not isinstance(image, Image.Image):
-                raise DataError(f"row {row}: column {c!r} is not an image")
-            image = image.convert("RGB")
-            if max_side is not None and max(image.size) > max_side:
-                image.thumbnail((max_side, max_side))
-            out.append(image)
-        return out
+        return [image_cell(record[c], f"row {row} column {c!r}", limits) for c in IMAGE_COLUMNS]
 
 
 @dataclass(frozen=True)
@@ -89,8 +101,12 @@ class NLVR2State:
 
 
 class NLVR2Env(Env[NLVR2State]):
-    """NLVR2 (see the module docstring). Rows with an unknown label are skipped and counted
-    in `skipped`."""
+    """NLVR2 (see the module docstring).
+
+    max_image_side, max_image_pixels, max_decoded_pixels, max_image_bytes: the image limits
+        (`data.images.ImageLimits`).
+    max_rows: use the first this many usable rows.
+    """
 
     def __init__(
         self,
@@ -98,10 +114,22 @@ class NLVR2Env(Env[NLVR2State]):
         split: str = "validation",
         *,
         max_image_side: int | None = None,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        max_decoded_pixels: int = DEFAULT_MAX_DECODED_PIXELS,
+        max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
         max_rows: int | None = None,
         system_prompt: str | None = None,
     ) -> None:
-        root = Path(data_dir) if data_dir is not None else _hub_parquet_root(split)
+        self.image_limits = ImageLimits(
+            max_image_pixels=max_image_pixels,
+            max_side=max_image_side,
+            max_decoded_pixels=max_decoded_pixels,
+            max_image_bytes=max_image_bytes,
+        )
+        if data_dir is not None:
+            root = require_dir(data_dir, "NLVR2 data_dir")
+        else:
+            root = _hub_parquet_root(split)
         if (root / "dataset_info.json").exists() or (root / "dataset_dict.json").exists():
             self.rows: ParquetRows | _DatasetRows = _DatasetRows(load_from_disk_rows(root, split))
         else:
@@ -109,31 +137,38 @@ class NLVR2Env(Env[NLVR2State]):
             if not files:
                 raise DataError(f"no parquet files for split {split!r} under {root}")
             self.rows = ParquetRows(files, TEXT_COLUMNS, IMAGE_COLUMNS)
-        self.skipped: dict[str, int] = {}
+        self.skips = SkipCounts()
         self.index: list[int] = []
+        sentences = self.rows.columns["sentence"]
         for i, label in enumerate(self.rows.columns["label"]):
             if max_rows is not None and len(self.index) >= max_rows:
                 break
-            if label in (0, 1):
-                self.index.append(i)
+            if isinstance(label, bool) or label not in (0, 1):
+                self.skips.add("bad_label")
+            elif not isinstance(sentences[i], str) or not sentences[i].strip():
+                self.skips.add("no_sentence")
             else:
-                self.skipped["bad label"] = self.skipped.get("bad label", 0) + 1
+                self.index.append(i)
         if not self.index:
-            raise DataError(f"split {split!r} under {root} has no usable rows ({self.skipped})")
-        self.max_image_side = max_image_side
+            raise DataError(f"split {split!r} under {root} has no usable rows ({dict(self.skips)})")
         self.system_prompt = system_prompt
         self.ambiguous_count = 0
 
     def __len__(self) -> int:
         return len(self.index)
 
+    def skipped(self) -> dict[str, int]:
+        """Rows left out while loading and images `reset` could not show, per reason."""
+        return dict(self.skips)
+
     def reset(self, idx: int) -> tuple[NLVR2State, Observation]:
         i = self.check_index(idx)
         row = self.index[i]
         columns = self.rows.columns
-        sentence = str(columns["sentence"][row] or "")
+        sentence = columns["sentence"][row]
         state = NLVR2State(i, str(columns["identifier"][row]), sentence, columns["label"][row] == 0)
-        images = self.rows.images(row, self.max_image_side)
+        with self.skips.counting():
+            images = self.rows.images(row, self.image_limits)
         messages = [user_message(NLVR2_PROMPT.format(sentence=sentence), images)]
         if self.system_prompt:
             messages.insert(0, system_message(self.system_prompt))

@@ -6,14 +6,18 @@
 - Every member name is checked: an absolute path, a drive letter or a `..` component is
   refused with `UnsafeArchiveError`, in place and when extracting (`extract_zip`, which
   only writes below its destination).
-- A corrupt or unreadable image raises `DataError` naming the image and its file.
+- Reading is bounded (`ImageLimits`): a member whose header declares more than
+  `max_image_bytes` is refused before it is read, and every read stops at that cap, so a
+  header that lies cannot allocate more either. An image that cannot be shown raises
+  `SkipTask` naming the image and its file (`images.decode_image` for the reasons).
 """
 
 from __future__ import annotations
 
-import io
+import lzma
 import os
 import zipfile
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -21,15 +25,16 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image
 
+from vlmgym_envs.data.errors import DataError, SkipTask, UnsafeArchiveError
+from vlmgym_envs.data.images import ImageLimits, decode_image, read_capped
+
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp")
 
-
-class DataError(Exception):
-    """A dataset file is missing, corrupt, or not in the expected layout."""
-
-
-class UnsafeArchiveError(DataError):
-    """An archive member would escape its destination (absolute path or `..`)."""
+# A member that cannot be read back: a bad CRC (also what a header lying about the size
+# gives), truncated or corrupt compressed data, an unsupported method, encryption.
+_MEMBER_ERRORS = (
+    zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, NotImplementedError, RuntimeError,
+)  # fmt: skip
 
 
 def check_member_name(name: str) -> PurePosixPath:
@@ -124,16 +129,32 @@ class ImageIndex:
     def __contains__(self, key: object) -> bool:
         return key in self.locations
 
-    def read_bytes(self, key: str) -> bytes:
+    def read_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
+        """The bytes of image `key`, at most `max_bytes` (default `ImageLimits`'s);
+        `SkipTask` when it is missing, unreadable or larger."""
+        limit = ImageLimits().max_image_bytes if max_bytes is None else max_bytes
         location = self.locations.get(key)
         if location is None:
-            raise DataError(f"no image named {key!r} in the image folders or archives")
+            raise SkipTask("missing_image", f"no image named {key!r} in the image folders")
+        if location.member is None:
+            return read_image_file(location.path, limit)
+        what = f"image {key!r} ({location.describe()})"
         try:
-            if location.member is None:
-                return location.path.read_bytes()
-            return self._zip(location.path).read(location.member)
-        except (OSError, zipfile.BadZipFile, KeyError) as e:
-            raise DataError(f"cannot read image {key!r} from {location.describe()}: {e}") from e
+            zf = self._zip(location.path)
+            info = zf.getinfo(location.member)
+            if info.file_size > limit:
+                raise SkipTask(
+                    "archive_member_too_large",
+                    f"{what} declares {info.file_size} bytes, over max_image_bytes={limit}",
+                )
+            with zf.open(info) as stream:
+                return read_capped(stream, what, limit, "archive_member_too_large")
+        except KeyError as e:
+            raise SkipTask("missing_image", f"{what} is not in its archive any more") from e
+        except _MEMBER_ERRORS as e:
+            raise SkipTask("corrupt_image", f"cannot read {what}: {e}") from e
+        except OSError as e:
+            raise SkipTask("unreadable_image", f"cannot read {what}: {e}") from e
 
     def _zip(self, path: Path) -> zipfile.ZipFile:
         zf = self._open.pop(path, None)
@@ -144,24 +165,29 @@ class ImageIndex:
         self._open[path] = zf
         return zf
 
-    def load(self, key: str, max_side: int | None = None) -> Image.Image:
-        """Decode image `key` to RGB, downscaled so its longer side is <= `max_side`."""
-        data = self.read_bytes(key)
-        return decode_image(data, f"{key!r} ({self.locations[key].describe()})", max_side)
+    def load(self, key: str, limits: ImageLimits | None = None) -> Image.Image:
+        """Decode image `key` to RGB within `limits` (`SkipTask` when it cannot be shown)."""
+        limits = limits or ImageLimits()
+        data = self.read_bytes(key, limits.max_image_bytes)
+        return decode_image(data, f"{key!r} ({self.locations[key].describe()})", limits)
 
     def close(self) -> None:
         while self._open:
             self._open.popitem()[1].close()
 
 
-def decode_image(data: bytes, what: str, max_side: int | None = None) -> Image.Image:
-    """Decode image bytes to an RGB PIL image; `DataError` naming `what` when corrupt."""
+def read_image_file(path: Path, max_bytes: int) -> bytes:
+    """The bytes of an image file, at most `max_bytes`; `SkipTask` naming it otherwise."""
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-        image = image.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"image {what} is corrupt or unreadable: {e}") from e
-    if max_side is not None and max(image.size) > max_side:
-        image.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
-    return image
+        with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > max_bytes:
+                raise SkipTask(
+                    "image_file_too_large",
+                    f"image {path} is {size} bytes, over max_image_bytes={max_bytes}",
+                )
+            return read_capped(f, f"image {path}", max_bytes, "image_file_too_large")
+    except FileNotFoundError as e:
+        raise SkipTask("missing_image", f"image {path} is gone: {e}") from e
+    except OSError as e:
+        raise SkipTask("unreadable_image", f"cannot read image {path}: {e}") from e

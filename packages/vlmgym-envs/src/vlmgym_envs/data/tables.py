@@ -19,7 +19,8 @@ from typing import Any
 
 from PIL import Image
 
-from vlmgym_envs.data.archives import DataError, decode_image
+from vlmgym_envs.data.errors import DataError, SkipTask
+from vlmgym_envs.data.images import ImageLimits, decode_image
 
 
 def find_split_files(root: str | os.PathLike[str], split: str) -> list[Path]:
@@ -74,24 +75,37 @@ class ParquetRows:
     def __len__(self) -> int:
         return self.num_rows
 
-    def images(self, row: int, max_side: int | None = None) -> list[Image.Image]:
-        """The decoded images of `row`, one per image column (`DataError` if corrupt)."""
+    def images(self, row: int, limits: ImageLimits | None = None) -> list[Image.Image]:
+        """The decoded images of `row`, one per image column, within `limits` (`SkipTask`
+        naming the row and column when one cannot be shown)."""
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         g = bisect.bisect_right(self._starts, row) - 1
         if self._cache is None or self._cache[0] != g:
             fi, group = self._groups[g]
-            table = pq.ParquetFile(self.files[fi]).read_row_group(group, columns=self.image_columns)
+            try:
+                table = pq.ParquetFile(self.files[fi]).read_row_group(
+                    group, columns=self.image_columns
+                )
+            except (pa.ArrowException, OSError) as e:
+                raise SkipTask(
+                    "unreadable_image", f"row {row}: cannot read {self.files[fi]}: {e}"
+                ) from e
             self._cache = (g, {c: table[c].to_pylist() for c in self.image_columns})
         values = self._cache[1]
-        out = []
-        for c in self.image_columns:
-            cell = values[c][row - self._starts[g]]
-            data = cell.get("bytes") if isinstance(cell, dict) else cell
-            if not isinstance(data, bytes | bytearray) or not data:
-                raise DataError(f"row {row}: column {c!r} holds no image bytes")
-            out.append(decode_image(bytes(data), f"row {row} column {c!r}", max_side))
-        return out
+        return [
+            image_cell(values[c][row - self._starts[g]], f"row {row} column {c!r}", limits)
+            for c in self.image_columns
+        ]
+
+
+def image_cell(cell: Any, what: str, limits: ImageLimits | None = None) -> Image.Image:
+    """Decode an HF Image cell (`{"bytes", "path"}` struct, or raw bytes) within `limits`."""
+    data = cell.get("bytes") if isinstance(cell, dict) else cell
+    if not isinstance(data, bytes | bytearray) or not data:
+        raise SkipTask("missing_image", f"{what} holds no image bytes")
+    return decode_image(bytes(data), what, limits)
 
 
 def load_from_disk_rows(path: str | os.PathLike[str], split: str | None) -> Any:

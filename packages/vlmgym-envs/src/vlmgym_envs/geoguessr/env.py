@@ -1,15 +1,10 @@
 """`osv5m` (alias `geoguessr`) and `geospot`: GeoGuessr on OpenStreetView-5M.
 
-Data (DATA.md): `<data_dir>/{train,test}.csv` and images named `<id>.jpg`, in zip shards
-`<data_dir>/images/<split>/NN.zip` (any folder inside the zip) or extracted anywhere under
-`<data_dir>/images/<split>/`. Without `data_dir`, the newest snapshot of `osv5m/osv5m` in
-the Hugging Face hub cache is used (`HF_HUB_CACHE`, `HF_HOME/hub` or
-`~/.cache/huggingface/hub`); `download=True` fetches the split there first, when the
-network allows and huggingface_hub is installed.
-
-The CSV is read once (only the columns used); images are read one at a time on `reset`.
-Rows without an image, or with unusable coordinates, are skipped and counted in
-`OSV5MDataset.skipped` (or raise, with `on_missing_image="error"`).
+Data: `dataset.OSV5MDataset` (the published layout, DATA.md; `data_dir` or the Hugging Face
+hub cache). Images are read one at a time on `reset`, within `ImageLimits`
+(`max_image_pixels`, `max_decoded_pixels`, `max_image_bytes`); one that cannot be shown
+raises `SkipTask`. `env.skipped()` reports those and the CSV rows left out while loading
+("bad_coordinates", "missing_image", "malformed_row").
 
 The prompt asks for `GEO_ANSWER_FORMAT`; `step` parses the answer (`parse_geo_answer`) and
 scores it at the curriculum stage fixed when the episode was reset: with `geo_reward` by
@@ -28,12 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from PIL import Image
-
 from vlmgym_envs.core import Env, Observation, StepResult, system_message, user_message
-from vlmgym_envs.data.archives import DataError, ImageIndex
-from vlmgym_envs.data.hub import find_hub_snapshot, hub_cache_dirs
+from vlmgym_envs.data.images import (
+    DEFAULT_MAX_DECODED_PIXELS,
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    ImageLimits,
+)
 from vlmgym_envs.geoguessr.answer import GEO_ANSWER_FORMAT, GeoGuess, parse_geo_answer
+from vlmgym_envs.geoguessr.dataset import OSV5MDataset
 from vlmgym_envs.geoguessr.geospot import GEOSPOT_SCHEDULE, geospot_reward
 from vlmgym_envs.geoguessr.reward import (
     Curriculum,
@@ -47,11 +45,6 @@ from vlmgym_envs.geoguessr.reward import (
     stage_reward,
 )
 from vlmgym_envs.geoguessr.reward_v1 import V1_SCHEDULE, v1_reward
-
-HUB_REPO = "osv5m/osv5m"
-REQUIRED_COLUMNS: tuple[str, ...] = (
-    "id", "latitude", "longitude", "country", "region", "sub-region", "city",
-)  # fmt: skip
 
 GEOSPOT_ANSWER_FORMAT = (
     "City: <city or town>\n"
@@ -70,154 +63,6 @@ GEO_PROMPT = (
     "signs, architecture and driving side. Answer in exactly this format, one field per "
     "line:\n" + GEO_ANSWER_FORMAT
 )
-
-
-def resolve_data_dir(data_dir: str | os.PathLike[str] | None, split: str, download: bool) -> Path:
-    """`data_dir`, or the hub cache snapshot of OSV-5M (downloaded first if asked)."""
-    if data_dir is not None:
-        return Path(data_dir)
-    if download:
-        try:
-            from huggingface_hub import snapshot_download
-        except ImportError as e:
-            raise DataError(
-                "download=True needs huggingface_hub (pip install huggingface_hub)"
-            ) from e
-        return Path(
-            snapshot_download(
-                HUB_REPO,
-                repo_type="dataset",
-                allow_patterns=[f"{split}.csv", f"images/{split}/*"],
-            )
-        )
-    snapshot = find_hub_snapshot(HUB_REPO, f"{split}.csv")
-    if snapshot is None:
-        searched = ", ".join(str(d) for d in hub_cache_dirs())
-        raise DataError(
-            f"no data_dir given and no OSV-5M snapshot with {split}.csv in the hub cache "
-            f"(searched {searched}); pass data_dir=<folder with {split}.csv and images/>"
-        )
-    return snapshot
-
-
-@dataclass(frozen=True)
-class OSV5MRecord:
-    """One labelled image of OSV-5M."""
-
-    id: str
-    truth: GeoTruth
-
-
-def _read_split_csv(csv_path: Path) -> Any:
-    """A split's CSV as a pyarrow table of REQUIRED_COLUMNS; DataError names what is wrong."""
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-
-    if not csv_path.is_file():
-        raise DataError(f"OSV-5M split file not found: {csv_path}")
-    try:
-        header = _csv_header(csv_path)
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read {csv_path}: {e}") from e
-    missing = [c for c in REQUIRED_COLUMNS if c not in header]
-    if missing:
-        raise DataError(f"{csv_path} lacks column(s) {missing}; it has {header}")
-    types = {c: pa.string() for c in REQUIRED_COLUMNS}
-    types.update(latitude=pa.float64(), longitude=pa.float64())
-    try:
-        return pacsv.read_csv(
-            csv_path,
-            convert_options=pacsv.ConvertOptions(
-                include_columns=list(REQUIRED_COLUMNS),
-                column_types=types,
-                strings_can_be_null=False,
-            ),
-        )
-    except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"cannot read {csv_path}: {e}") from e
-
-
-class OSV5MDataset:
-    """OSV-5M rows with an image and finite coordinates, in CSV order.
-
-    skipped: reason -> count of rows left out ("missing image", "bad coordinates").
-    """
-
-    def __init__(
-        self,
-        data_dir: str | os.PathLike[str] | None = None,
-        split: str = "test",
-        *,
-        image_dir: str | os.PathLike[str] | None = None,
-        max_rows: int | None = None,
-        on_missing_image: Literal["skip", "error"] = "skip",
-        download: bool = False,
-    ) -> None:
-        if on_missing_image not in ("skip", "error"):
-            raise ValueError(f"on_missing_image must be 'skip' or 'error': {on_missing_image!r}")
-        root = resolve_data_dir(data_dir, split, download)
-        csv_path = root / f"{split}.csv"
-        table = _read_split_csv(csv_path)
-        if max_rows is not None:
-            table = table.slice(0, max_rows)
-        if table.num_rows == 0:
-            raise DataError(f"{csv_path} has no rows")
-
-        images_root = Path(image_dir) if image_dir is not None else root / "images" / split
-        if not images_root.exists():
-            raise DataError(f"OSV-5M image folder not found: {images_root}")
-        self.images = ImageIndex([images_root])
-        self.split = split
-        self.csv_path = csv_path
-        self.skipped: dict[str, int] = {}
-
-        columns = {c: table[c].to_pylist() for c in REQUIRED_COLUMNS}
-        self.records: list[OSV5MRecord] = []
-        for i in range(table.num_rows):
-            image_id = str(columns["id"][i]).strip()
-            lat, lon = columns["latitude"][i], columns["longitude"][i]
-            if (
-                lat is None or lon is None or not (math.isfinite(lat) and math.isfinite(lon))
-                or abs(lat) > 90 or abs(lon) > 180
-            ):  # fmt: skip
-                self._skip("bad coordinates")
-                continue
-            if image_id not in self.images:
-                if on_missing_image == "error":
-                    raise DataError(f"no image for OSV-5M id {image_id} under {images_root}")
-                self._skip("missing image")
-                continue
-            truth = GeoTruth(
-                latitude=float(lat),
-                longitude=float(lon),
-                country=str(columns["country"][i] or "").strip().upper(),
-                region=str(columns["region"][i] or "").strip(),
-                sub_region=str(columns["sub-region"][i] or "").strip(),
-                city=str(columns["city"][i] or "").strip(),
-            )
-            self.records.append(OSV5MRecord(image_id, truth))
-        if not self.records:
-            raise DataError(
-                f"no usable rows in {csv_path} (skipped: {self.skipped}); check the images "
-                f"under {images_root}"
-            )
-
-    def _skip(self, reason: str) -> None:
-        self.skipped[reason] = self.skipped.get(reason, 0) + 1
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def image(self, i: int, max_side: int | None = None) -> Image.Image:
-        """The RGB image of record `i` (read now; `DataError` if corrupt)."""
-        return self.images.load(self.records[i].id, max_side)
-
-
-def _csv_header(path: Path) -> list[str]:
-    import csv
-
-    with path.open(newline="", encoding="utf-8") as f:
-        return next(csv.reader(f), [])
 
 
 @dataclass(frozen=True)
@@ -242,6 +87,9 @@ class OSV5MEnv(Env[OSV5MState]):
         stages from 0, 1000 and 2000 scored episodes).
     stage: shortcut for a fixed stage (overrides `curriculum`).
     max_image_side: downscale images so their longer side is at most this.
+    max_image_pixels, max_decoded_pixels, max_image_bytes: the image limits
+        (`data.images.ImageLimits`: downscale to this many pixels; skip an image declaring
+        more pixels, or a file or zip member of more bytes).
     """
 
     REWARDS: tuple[str, ...] = ("levels", "v1")
@@ -255,6 +103,9 @@ class OSV5MEnv(Env[OSV5MState]):
         curriculum: CurriculumConfig | EpisodeSchedule | None = None,
         stage: int | None = None,
         max_image_side: int | None = None,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        max_decoded_pixels: int = DEFAULT_MAX_DECODED_PIXELS,
+        max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
         system_prompt: str | None = None,
         prompt: str = GEO_PROMPT,
         **dataset_kwargs: Any,
@@ -263,8 +114,13 @@ class OSV5MEnv(Env[OSV5MState]):
             raise ValueError(f"reward must be one of {self.REWARDS}, got {reward!r}")
         self.reward = reward
         self.curriculum = self._make_curriculum(curriculum, stage)
+        self.image_limits = ImageLimits(
+            max_image_pixels=max_image_pixels,
+            max_side=max_image_side,
+            max_decoded_pixels=max_decoded_pixels,
+            max_image_bytes=max_image_bytes,
+        )
         self.dataset = OSV5MDataset(data_dir, split, **dataset_kwargs)
-        self.max_image_side = max_image_side
         self.system_prompt = system_prompt
         self.prompt = prompt
 
@@ -277,6 +133,10 @@ class OSV5MEnv(Env[OSV5MState]):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def skipped(self) -> dict[str, int]:
+        """Rows left out of the CSV and images `reset` could not show, per reason."""
+        return dict(self.dataset.skips)
+
     def state_dict(self) -> dict[str, Any]:
         """The curriculum's progress (episodes scored, stage), for checkpoints."""
         return {"curriculum": self.curriculum.state_dict()}
@@ -288,7 +148,7 @@ class OSV5MEnv(Env[OSV5MState]):
     def reset(self, idx: int) -> tuple[OSV5MState, Observation]:
         i = self.check_index(idx)
         record = self.dataset.records[i]
-        image = self.dataset.image(i, self.max_image_side)
+        image = self.dataset.image(i, self.image_limits)
         messages = [user_message(self.prompt, [image])]
         if self.system_prompt:
             messages.insert(0, system_message(self.system_prompt))
