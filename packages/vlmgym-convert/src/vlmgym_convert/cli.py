@@ -1,4 +1,9 @@
-"""`vlmgym-convert`: HF checkpoint -> vlm-gym model_dir, or back with `--to hf` / `--to peft`."""
+"""`vlmgym-convert`: HF checkpoint -> vlm-gym model_dir, or back with `--to hf` / `--to peft`.
+
+Expected failures (missing or non-empty directories, corrupt or mismatched checkpoints, a
+full disk) end with `vlmgym-convert: error: <message>` on stderr and exit code 2; `--debug`
+shows the traceback instead.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,9 @@ import sys
 from collections.abc import Sequence
 from typing import Literal
 
-from vlmgym_model.adapters import AdapterError
 from vlmgym_model.cli import flag, parse_args
 
 from vlmgym_convert.convert import (
-    ConversionError,
     download_hf_repo,
     hf_to_jax,
     jax_to_hf,
@@ -55,7 +58,12 @@ class ConvertArgs:
         "default: --model_dir",
     )
     dtype: str | None = flag(None, "bfloat16, float16 or float32; default keeps the source dtype")
-    force: bool = flag(False, "overwrite an existing params/ checkpoint")
+    force: bool = flag(
+        False,
+        "write into an output directory that holds something, replacing the checkpoint "
+        "there (its files are replaced only once the new ones are complete)",
+    )
+    debug: bool = flag(False, "show the traceback of an error, not one line")
 
     def __post_init__(self) -> None:
         if self.to in ("hf", "peft") and not self.hf_dir:
@@ -83,10 +91,15 @@ def _export(args: ConvertArgs) -> str:
             args.hf_dir or "",
             dtype=args.dtype,
             base_model_name_or_path=args.base_model_name_or_path,
+            force=args.force,
         )
         return f"wrote PEFT LoRA adapters to {out}"
     out = jax_to_hf(
-        args.model_dir, args.hf_dir or "", dtype=args.dtype, adapter_dir=args.adapter_dir
+        args.model_dir,
+        args.hf_dir or "",
+        dtype=args.dtype,
+        adapter_dir=args.adapter_dir,
+        force=args.force,
     )
     merged = f" with the adapters of {args.adapter_dir} merged" if args.adapter_dir else ""
     return f"wrote HF checkpoint to {out}{merged}"
@@ -105,7 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"text layers, {config.vision.depth} vision blocks"
         )
         return 0
-    except (AdapterError, ConversionError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, OSError) as err:  # every checkpoint error is a ValueError
+        if args.debug:
+            raise
         print(f"vlmgym-convert: error: {err}", file=sys.stderr)
         return 2
 

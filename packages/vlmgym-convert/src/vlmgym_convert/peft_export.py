@@ -28,16 +28,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from vlmgym_model.checkpoint import commit_staged, discard_staged
+from vlmgym_model.integrity import temp_sibling, write_text_atomic
 from vlmgym_model.lora import LoraConfig, LoraPair
 from vlmgym_model.qwen2_5_vl.config import Qwen2_5_VLConfig
 
-from vlmgym_convert.convert import ConversionError, load_export_adapters, parse_dtype
+from vlmgym_convert.convert import (
+    ConversionError,
+    check_output_dir,
+    load_export_adapters,
+    parse_dtype,
+)
 from vlmgym_convert.mapping import Rule, hf_shape, module_hf_name, rules, to_hf
 from vlmgym_convert.safetensors_io import write_safetensors
 
@@ -154,6 +160,7 @@ def jax_to_peft(
     *,
     dtype: str | None = None,
     base_model_name_or_path: str | None = None,
+    force: bool = False,
 ) -> Path:
     """Export the adapters in `adapter_dir` (trained on `model_dir`) as a PEFT checkpoint.
 
@@ -161,20 +168,28 @@ def jax_to_peft(
       dtype: dtype of the written tensors; default float32 (the adapters' own).
       base_model_name_or_path: written to adapter_config.json (the hub id or HF directory
         of the base model); default: `model_dir`.
+      force: write into an `hf_dir` that holds something (both files are written under
+        temporary names first, then renamed over the old ones).
 
     Raises:
       AdapterError, ConversionError (ValueErrors): unreadable adapters, a base whose
       fingerprint differs from the one the adapters were trained on, mis-shaped adapters.
     """
     model_dir, hf_dir = Path(model_dir), Path(hf_dir)
+    check_output_dir(hf_dir, force, [model_dir, Path(adapter_dir)])
     config = Qwen2_5_VLConfig.from_file(model_dir / "config.json")
     ckpt = load_export_adapters(model_dir, adapter_dir, config)
     target = parse_dtype(dtype) or np.dtype(np.float32)
     base = base_model_name_or_path or str(model_dir.absolute())
     hf_dir.mkdir(parents=True, exist_ok=True)
-    write_safetensors(hf_dir / PEFT_WEIGHTS, peft_tensors(config, ckpt.adapters, target))
-    meta = peft_config(config, ckpt.cfg, ckpt.adapters, base)
-    tmp = hf_dir / f".{PEFT_CONFIG}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    tmp.replace(hf_dir / PEFT_CONFIG)
+    staged = {PEFT_WEIGHTS: temp_sibling(hf_dir / PEFT_WEIGHTS)}
+    try:
+        write_safetensors(staged[PEFT_WEIGHTS], peft_tensors(config, ckpt.adapters, target))
+        meta = peft_config(config, ckpt.cfg, ckpt.adapters, base)
+        staged[PEFT_CONFIG] = temp_sibling(hf_dir / PEFT_CONFIG)
+        write_text_atomic(staged[PEFT_CONFIG], json.dumps(meta, indent=2) + "\n")
+    except BaseException:
+        discard_staged(staged)
+        raise
+    commit_staged(staged, hf_dir)
     return hf_dir

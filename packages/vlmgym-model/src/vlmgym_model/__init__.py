@@ -3,7 +3,8 @@ pass, processor, sampler, checkpoints, sharding.
 
 Public API (imported lazily, so `import vlmgym_model` does no work and pulls in JAX only
 when a JAX-backed name is first used):
-- `load_model(model_dir, dtype, mesh, rules) -> (config, params)`, `save_model`
+- `load_model(model_dir, dtype, mesh, rules) -> (config, params)`, `save_model` (atomic,
+  with a manifest of hashes checked on load: `CheckpointIntegrityError`)
 - `forward(params, config, input_ids, attention_mask, pixel_values, image_grid_thw)`
 - `ModelInputs` (ids, segment ids, mRoPE positions, `ImageInputs`), built on the host by
   `model_inputs`; `embed(params, config, inputs)` is where every forward pass starts
@@ -35,6 +36,7 @@ _EXPORTS: dict[str, str] = {
     "model_fingerprint": "vlmgym_model.adapters",
     "save_adapters": "vlmgym_model.adapters",
     # checkpoints
+    "CheckpointIntegrityError": "vlmgym_model.integrity",
     "load_model": "vlmgym_model.checkpoint",
     "load_params": "vlmgym_model.checkpoint",
     "save_model": "vlmgym_model.checkpoint",

@@ -6,6 +6,7 @@ adapter_dir/
                "base_model_dir", "base_fingerprint"}
   arrays/     orbax checkpoint of {"text.layers.q_proj.a": float32[L, D, r], ...}
               (`lora.flatten_adapters`: "<weight path>.a" [L, in..., r], ".b" [L, r, out...])
+    manifest.json   sha256 of every file orbax wrote (`integrity`), checked on load
 ```
 
     save_adapters(run_dir / "adapters", adapters, lora_cfg, base_model_dir=model_dir)
@@ -17,7 +18,8 @@ Adapters mean nothing without their base, so lora.json records the base's direct
 `model_fingerprint` (a cheap hash of its config and weight files); `check_base` refuses a
 different base in one line. The arrays use the same orbax machinery as a model's params/.
 A save is built in a hidden sibling directory and renamed into place, so a reader sees the
-old directory or the complete new one, never a half-written one.
+old directory or the complete new one, never a half-written one. A load checks the arrays'
+files against their manifest and the values for NaN and inf (AdapterError naming them).
 """
 
 from __future__ import annotations
@@ -33,6 +35,13 @@ from typing import Any
 
 import numpy as np
 
+from vlmgym_model.integrity import (
+    CheckpointIntegrityError,
+    nonfinite_host,
+    verify_manifest,
+    write_manifest,
+    write_text_atomic,
+)
 from vlmgym_model.lora import LoraConfig, LoraPair, flatten_adapters, unflatten_adapters
 
 FORMAT_VERSION = 1
@@ -138,9 +147,7 @@ def _check_pairs(adapters: dict[str, LoraPair], cfg: LoraConfig, where: str) -> 
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def _save_arrays(path: Path, flat: dict[str, np.ndarray]) -> None:
@@ -201,6 +208,7 @@ def save_adapters(
     try:
         tmp.mkdir()
         _save_arrays(tmp / ARRAYS_DIR, flat)
+        write_manifest(tmp / ARRAYS_DIR)
         _write_json(tmp / CONFIG_FILE, meta)
         if directory.exists():
             directory.rename(old)
@@ -264,13 +272,21 @@ def load_adapters(directory: str | Path) -> AdapterCheckpoint:
     if not arrays.is_dir():
         raise AdapterError(f"{directory} has no {ARRAYS_DIR}/ checkpoint (interrupted copy?)")
     try:
+        verify_manifest(arrays)
+    except CheckpointIntegrityError as err:
+        raise AdapterError(f"cannot read the adapter arrays in {arrays}: {err}") from err
+    try:
         with ocp.StandardCheckpointer() as ckptr:
             flat = ckptr.restore(arrays)
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
+    except Exception as err:  # orbax re-raises TensorStore's errors as a plain Exception
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise AdapterError(f"cannot read the adapter arrays in {arrays}: {first}") from err
+    host = {n: np.asarray(x, np.float32) for n, x in flat.items()}
+    bad = nonfinite_host(host)
+    if bad:
+        raise AdapterError(f"{arrays}: non-finite values (NaN or inf) in {', '.join(bad)}")
     try:
-        adapters = unflatten_adapters({n: np.asarray(x, np.float32) for n, x in flat.items()})
+        adapters = unflatten_adapters(host)
     except ValueError as err:
         raise AdapterError(f"{arrays}: {err}") from err
     _check_pairs(adapters, cfg, str(arrays))
