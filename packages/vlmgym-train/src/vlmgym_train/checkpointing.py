@@ -27,6 +27,7 @@ arrays, whose shardings are reused) and every array is read straight onto its de
 from __future__ import annotations
 
 import dataclasses
+import errno
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -244,16 +245,14 @@ class TrainCheckpointer:
             "extra": jsonable(extra),
             "key_impls": key_impls,
         }
-        return bool(
-            self._manager.save(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(jax.tree.unflatten(treedef, leaves)),
-                    meta=ocp.args.JsonSave(meta),
-                ),
-                force=True,
-            )
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(jax.tree.unflatten(treedef, leaves)),
+            meta=ocp.args.JsonSave(meta),
         )
+        try:
+            return bool(self._manager.save(step, args=args, force=True))
+        except (OSError, ValueError, RuntimeError) as err:
+            raise _as_disk_full(err, self.directory / str(step)) from err
 
     def read_meta(self, step: int | None = None) -> dict[str, Any]:
         """The JSON saved with checkpoint `step` (default: the latest), without its arrays."""
@@ -360,3 +359,25 @@ class TrainCheckpointer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def complete_checkpoints(directory: str | Path) -> list[int]:
+    """The steps of the complete checkpoints in `directory`, without opening a manager:
+    orbax renames a step's folder to its bare number once it is written, so an interrupted
+    save leaves only a temporary folder, which does not count."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def _as_disk_full(err: BaseException, path: Path) -> BaseException:
+    """A full disk as the `OSError(ENOSPC)` it is: TensorStore, under orbax, reports it as
+    a ValueError ("RESOURCE_EXHAUSTED ... No space left on device"). Other errors as they
+    are."""
+    text = str(err)
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return err
+    if "No space left on device" in text or "os_error_code='28'" in text:
+        return OSError(errno.ENOSPC, "No space left on device", str(path))
+    return err

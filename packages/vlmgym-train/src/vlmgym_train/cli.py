@@ -18,6 +18,8 @@ def main(argv: Sequence[str] | None = None, *, tune_malloc: bool = False) -> int
         tune_for_checkpoint(cfg.model_dir)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("vlmgym_train").setLevel(logging.INFO)
+    if not cfg.run.debug:  # orbax logs its threads' errors with tracebacks; we report them
+        logging.getLogger("absl").addFilter(_without_traceback)
     try:
         return plan(cfg) if cfg.run.plan else _train(cfg)
     except USER_ERRORS as err:
@@ -25,6 +27,13 @@ def main(argv: Sequence[str] | None = None, *, tune_malloc: bool = False) -> int
             raise
         print(f"vlmgym-train: error: {user_message(err)}", file=sys.stderr)
         return 2
+
+
+def _without_traceback(record: logging.LogRecord) -> bool:
+    """A logging filter: the record's message without its traceback (`--debug` keeps it)."""
+    record.exc_info = None
+    record.exc_text = None
+    return True
 
 
 def _train(cfg: TrainConfig) -> int:

@@ -176,6 +176,18 @@ class TrainConfig:
             if name not in RESUME_FREE and before.get(name) != now.get(name)
         ]
 
+    def check_resume(self, saved: Mapping[str, Any], run_dir: Any) -> str:
+        """Refuse (`ValueError`) to resume the run in `run_dir`, saved with config `saved`,
+        with settings that change it, unless --allow_config_change; returns the changes
+        allowed ("" when none)."""
+        listed = "; ".join(self.changes_from(saved))
+        if listed and not self.run.allow_config_change:
+            raise ValueError(
+                f"--resume with settings that differ from the run in {run_dir}: {listed}. "
+                "Resume with the run's own flags, or pass --allow_config_change to apply them"
+            )
+        return listed
+
     @property
     def updates_per_step(self) -> int:
         """Optimizer updates in one training step (`ppo_epochs` x `minibatches`).

@@ -42,6 +42,9 @@ class EvalArgs:
     overwrite: bool = flag(False, "delete another evaluation's outputs in --output_dir first")
     dtype: Literal["bfloat16", "float32"] = flag("bfloat16", "weight dtype")
     attention_impl: str = flag("xla", "attention implementation")
+    max_skip_fraction: float = flag(
+        0.1, "stop when more than this fraction of tasks cannot be read (each is counted)"
+    )
     debug: bool = flag(False, "show the traceback of an error")
 
     def __post_init__(self) -> None:
@@ -52,6 +55,8 @@ class EvalArgs:
                 raise ValueError(f"--{name} must be >= 1, got {value}")
         if not 0 <= self.temperature < math.inf:
             raise ValueError(f"--temperature must be >= 0 (0: greedy), got {self.temperature}")
+        if not 0 <= self.max_skip_fraction <= 1:
+            raise ValueError(f"--max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top_p must be in (0, 1] (1: off), got {self.top_p}")
         if self.top_k < 0:
@@ -114,6 +119,7 @@ def _evaluate(args: EvalArgs) -> int:
             seed=args.seed,
             batch_size=args.inference_batch_per_device * jax.local_device_count(),
             progress=True,
+            max_skip_fraction=args.max_skip_fraction,
         ),
         output_dir=args.output_dir,
         identity=identity,

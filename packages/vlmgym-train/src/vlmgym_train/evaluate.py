@@ -30,7 +30,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from vlmgym_envs import Env
+from vlmgym_envs import Env, SkipTask
+from vlmgym_envs.data.archives import DataError
 from vlmgym_model import Sampler, SamplingParams
 
 from vlmgym_train.jsonable import atomic_write_text, jsonable
@@ -47,6 +48,8 @@ class EvalConfig:
     seed: int = 0
     batch_size: int = 8  # tasks per sampler call
     progress: bool = False
+    # stop when more than this fraction of the tasks (once 20 were tried) cannot be read
+    max_skip_fraction: float = 0.1
 
 
 class EvalOutputError(ValueError):
@@ -94,13 +97,22 @@ def _success(record: dict[str, Any]) -> bool:
 
 
 def compute_metrics(env: Env, records: list[dict[str, Any]], num_samples: int) -> dict[str, float]:
-    """The env's metrics over first samples, plus reward stats and pass@k with k samples."""
+    """The env's metrics over first samples, plus reward stats and pass@k with k samples.
+
+    Records of tasks the env could not show (`"skipped": reason`) are counted
+    (`tasks_skipped`, `skipped/<reason>`) and left out of everything else."""
+    skipped = [r for r in records if "skipped" in r]
+    records = [r for r in records if "skipped" not in r]
     if not records:
         raise ValueError("no evaluation records to compute metrics from")
     first = [r for r in records if r["sample"] == 0]
     metrics = dict(env.metrics(first))
     metrics["reward/mean"] = float(np.mean([r["reward"] for r in records]))
     metrics["tasks"] = float(len(first))
+    if skipped:
+        metrics["tasks_skipped"] = float(len(skipped))
+        for reason in sorted({r["skipped"] for r in skipped}):
+            metrics[f"skipped/{reason}"] = float(sum(r["skipped"] == reason for r in skipped))
     if num_samples > 1:
         by_task: dict[int, list[dict[str, Any]]] = defaultdict(list)
         for r in records:
@@ -198,8 +210,8 @@ def _resume(out: Path, num_samples: int) -> tuple[list[dict[str, Any]], set[int]
     """
     previous = _load_existing(out / "records.jsonl")
     counts: dict[int, int] = defaultdict(int)
-    for r in previous:
-        counts[r["task"]] += 1
+    for r in previous:  # a skipped task's one record completes it
+        counts[r["task"]] += num_samples if "skipped" in r else 1
     done = {t for t, c in counts.items() if c >= num_samples}
     records = [r for r in previous if r["task"] in done]
     atomic_write_text(out / "records.jsonl", "".join(json.dumps(r) + "\n" for r in records))
@@ -228,6 +240,33 @@ def _task_records(env: Env, task: int, state: Any, obs: Any, group: list[Any]) -
             }
         )
     return records
+
+
+def _reset(env: Env, batch: list[int]) -> tuple[list[int], list[Any], list[dict[str, Any]]]:
+    """Reset each task: the positions in `batch` of those the env could show, their
+    (state, observation), and a record for each it could not (`SkipTask`)."""
+    readable, resets, unreadable = [], [], []
+    for i, task in enumerate(batch):
+        try:
+            resets.append(env.reset(task))
+            readable.append(i)
+        except SkipTask as err:
+            unreadable.append(
+                {"task": int(task), "sample": 0, "skipped": err.reason, "error": str(err)}
+            )
+    return readable, resets, unreadable
+
+
+def _check_skips(records: list[dict[str, Any]], limit: float) -> None:
+    """Stop when more than `limit` of the tasks tried (once 20 were) could not be read."""
+    tried = len({r["task"] for r in records})
+    skipped = sum("skipped" in r for r in records)
+    if tried >= 20 and skipped > limit * tried:
+        reasons = sorted({r["skipped"] for r in records if "skipped" in r})
+        raise DataError(
+            f"{skipped} of {tried} tasks could not be read ({', '.join(reasons)}), more than "
+            f"--max_skip_fraction {limit}; check the dataset (records.jsonl names each)"
+        )
 
 
 def evaluate(
@@ -281,16 +320,25 @@ def evaluate(
             # a resumed evaluation reproduces the uninterrupted one.
             base = jax.random.key(cfg.seed)
             key = jax.vmap(lambda t, base=base: jax.random.fold_in(base, t))(jnp.asarray(batch))
-            resets = env.reset_many(batch)
-            gen = sampler.generate(params, [obs.messages for _, obs in resets], sampling, key)
-            for task, (state, obs), group in zip(batch, resets, gen.samples, strict=True):
-                new = _task_records(env, task, state, obs, group)
-                records.extend(new)
-                if sink is not None:
-                    sink.write("".join(json.dumps(r) + "\n" for r in new))
-                    sink.flush()
+            # (indexed by the batch's readable tasks below)
+            readable, resets, unreadable = _reset(env, batch)
+            new = unreadable
+            if readable:
+                messages = [obs.messages for _, obs in resets]
+                gen = sampler.generate(params, messages, sampling, key[np.asarray(readable)])
+                shown = [batch[i] for i in readable]
+                for task, (state, obs), group in zip(shown, resets, gen.samples, strict=True):
+                    new = new + _task_records(env, task, state, obs, group)
+            records.extend(new)
+            if sink is not None:
+                sink.write("".join(json.dumps(r) + "\n" for r in new))
+                sink.flush()
+            _check_skips(records, cfg.max_skip_fraction)
             if bar is not None:
                 bar.update(len(batch))
+                skips = sum("skipped" in r for r in records)
+                if skips:
+                    bar.set_postfix(unreadable=skips)
     finally:
         if sink is not None:
             sink.close()
@@ -313,6 +361,7 @@ def evaluate(
 def write_plots(env: Env, records: list[dict[str, Any]], out: Path) -> list[Path]:
     """The env's own plots of the first samples (`Env.plots`); a reward histogram of every
     sample when it draws none."""
+    records = [r for r in records if "skipped" not in r]
     written = env.plots([r for r in records if r["sample"] == 0], out)
     if written:
         return written

@@ -100,9 +100,8 @@ class LossInputs:
                              "dapo"). None: this batch's own token count, sum(mask).
     totals: Totals           the whole batch's counts when this is one micro-batch of it
                              (every mean divides by them); None: this batch's own.
-    kl_coef: float[]         the KL coefficient of this update, when a controller sets it
-                             step by step (`--kl_target`); None: `LossConfig.kl_coef`. The
-                             KL term is in the loss only when `LossConfig.kl_coef > 0`.
+    kl_coef: float[]         this update's KL coefficient (a controller's, `--kl_target`);
+                             None: `LossConfig.kl_coef` (> 0 puts the KL term in the loss).
     """
 
     logp: jax.Array
@@ -193,23 +192,14 @@ class LossConfig:
             raise ValueError(f"clip_high must be >= 0, got {self.clip_high}")
         if self.dual_clip is not None and self.dual_clip <= 1.0:
             raise ValueError(f"dual_clip must be > 1 when set, got {self.dual_clip}")
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
-        if self.seq_denominator not in SEQ_DENOMINATORS:
-            raise ValueError(
-                f"seq_denominator must be one of {SEQ_DENOMINATORS}, got {self.seq_denominator!r}"
-            )
-        if self.entropy_aggregation not in ENTROPY_AGGREGATIONS:
-            raise ValueError(
-                f"entropy_aggregation must be one of {ENTROPY_AGGREGATIONS}, "
-                f"got {self.entropy_aggregation!r}"
-            )
+        for name, choices in (
+            ("aggregation", AGGREGATIONS), ("seq_denominator", SEQ_DENOMINATORS),
+            ("entropy_aggregation", ENTROPY_AGGREGATIONS), ("kl_estimator", KL_ESTIMATORS),
+        ):  # fmt: skip
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.max_tokens is not None and self.max_tokens <= 0:
             raise ValueError(f"max_tokens must be positive, got {self.max_tokens}")
-        if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(
-                f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}"
-            )
         if self.kl_coef < 0.0 or self.entropy_coef < 0.0:
             raise ValueError(
                 f"kl_coef and entropy_coef must be >= 0, got {self.kl_coef}, {self.entropy_coef}"
@@ -389,8 +379,7 @@ def _finish(
             metrics["loss/entropy"] = ent_agg
     elif config.entropy_coef > 0:
         raise ValueError("entropy_coef > 0 needs LossInputs.entropy (token entropies)")
-    # PPO's approx_kl: KL(behaviour || current) from behaviour samples, k3 with
-    # r = pi_theta / pi_old: mean of (r - 1) - log r
+    # PPO's approx_kl, KL(pi_old || pi_theta) by k3 on behaviour samples: (r - 1) - log r
     metrics["approx_kl"] = masked_mean(jnp.expm1(log_ratio) - log_ratio, batch.mask, totals)
     metrics["ratio/mean"] = masked_mean(jnp.exp(log_ratio), batch.mask, totals)
     metrics["tokens"] = batch.mask.astype(jnp.float32).sum()
@@ -438,8 +427,7 @@ def ppo_clip(batch: LossInputs, config: LossConfig) -> tuple[jax.Array, dict[str
 
     Metrics: loss, loss/pg, loss/kl, loss/entropy, clip_frac/low, clip_frac/high (fractions of
     tokens with zero gradient from each bound), ratio/mean, approx_kl (mean of (r - 1) -
-    log r: KL(pi_old || pi_theta)), kl/ref, entropy,
-    tokens.
+    log r: KL(pi_old || pi_theta)), kl/ref, entropy, tokens.
     """
     _check(batch)
     m = batch.mask > 0

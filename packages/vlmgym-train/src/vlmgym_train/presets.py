@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vlmgym_envs import Env
+from vlmgym_envs import Env, SkipTask
 
 TINY_PRESET: dict[str, Any] = dict(
     hidden_size=64,
@@ -32,7 +32,10 @@ def environment_texts(env: Env, max_tasks: int = 400) -> list[str]:
     answer vocabulary when it declares one."""
     texts: list[str] = []
     for idx in range(min(len(env), max_tasks)):
-        _, obs = env.reset(idx)
+        try:
+            _, obs = env.reset(idx)
+        except SkipTask:  # an unreadable task: counted by the env, its text not needed
+            continue
         for message in obs.messages:
             content = message.get("content")
             if isinstance(content, str):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -21,10 +22,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from vlmgym_envs import Env, Observation, StepResult
+from vlmgym_envs import Env, Observation, SkipTask, StepResult
+from vlmgym_envs.data.archives import DataError
 from vlmgym_model import Generation, Sample, Sampler, SamplingParams
 
 from vlmgym_train.jsonable import jsonable
+
+log = logging.getLogger("vlmgym_train")
 
 
 @dataclasses.dataclass
@@ -58,15 +62,71 @@ def _keys(key: jax.Array, indices: np.ndarray) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(indices, jnp.uint32))
 
 
-def _start_groups(env: Env, tasks: Sequence[int], n: int) -> list[Trajectory]:
-    """`n` fresh trajectories per task (group g = the g-th task), at the env's first turn."""
+# how many following tasks a bad one's replacement is looked for in
+MAX_REPLACEMENTS = 64
+
+
+def reset_or_replace(env: Env, task: int) -> tuple[int, Any, Observation, int]:
+    """`env.reset(task)`, or when the env cannot show that task (`SkipTask`: a corrupt
+    image...) the next task that it can show, looking at task + 1, task + 2, ... Returns
+    (the task reset, its state, its observation, how many tasks were skipped). The choice
+    depends only on the data, so every process and every resume makes the same one."""
+    size = len(env)
+    for skipped in range(min(MAX_REPLACEMENTS, size)):
+        candidate = (task + skipped) % size
+        try:
+            state, obs = env.reset(candidate)
+        except SkipTask as err:
+            log.warning("task %d skipped (%s): %s", candidate, err.reason, err)
+            continue
+        return candidate, state, obs, skipped
+    raise DataError(
+        f"{MAX_REPLACEMENTS} tasks in a row from task {task} could not be read "
+        f"({env.skipped() or 'no counts'}); check the dataset"
+    )
+
+
+class UnreadableTasks:
+    """A run's count of tasks that could not be read, against the tasks it tried; too many
+    stop the run (`--max_skip_fraction`, checked once 20 tasks were tried)."""
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self.tried = self.unreadable = 0.0
+
+    def count(self, metrics: dict[str, float], env: Env) -> None:
+        """Add a step's counts (its `rollout/groups_local`, `data/skipped_tasks`); put the
+        env's cumulative counts per reason in `metrics` (`data/skipped/<reason>`)."""
+        skipped = metrics.get("data/skipped_tasks", 0.0)
+        self.tried += metrics.get("rollout/groups_local", 0.0) + skipped
+        self.unreadable += skipped
+        for reason, n in env.skipped().items():
+            metrics[f"data/skipped/{reason}"] = float(n)
+        if self.tried >= 20 and self.unreadable > self.limit * self.tried:
+            raise DataError(
+                f"{int(self.unreadable)} of {int(self.tried)} tasks could not be read "
+                f"({env.skipped()}), more than --max_skip_fraction {self.limit}; check the "
+                "dataset"
+            )
+
+    def postfix(self) -> dict[str, int]:
+        """For the progress bar: the count, once there is one."""
+        return {"unreadable": int(self.unreadable)} if self.unreadable else {}
+
+
+def _start_groups(env: Env, tasks: Sequence[int], n: int) -> tuple[list[Trajectory], int]:
+    """`n` fresh trajectories per task (group g = the g-th task), at the env's first turn;
+    and how many tasks were skipped as unreadable (each replaced by a readable one)."""
     trajectories = []
-    for g, (task, (state, obs)) in enumerate(zip(tasks, env.reset_many(tasks), strict=True)):
+    skipped_total = 0
+    for g, wanted in enumerate(tasks):
+        task, state, obs, skipped = reset_or_replace(env, int(wanted))
+        skipped_total += skipped
         for _ in range(n):
             trajectories.append(
                 Trajectory(task=int(task), group=g, messages=list(obs.messages), state=state)
             )
-    return trajectories
+    return trajectories, skipped_total
 
 
 def run_groups(
@@ -96,7 +156,7 @@ def run_groups(
 
     n = sampling.num_samples
     t0 = time.perf_counter()
-    trajectories = _start_groups(env, tasks, n)
+    trajectories, skipped = _start_groups(env, tasks, n)
     t_reset = time.perf_counter() - t0
     turns: list[TurnRows] = []
     t_sample = t_wait = 0.0
@@ -143,6 +203,7 @@ def run_groups(
         turns,
         {
             "time/reset_s": t_reset,
+            "data/skipped_tasks": float(skipped),  # unreadable, replaced
             "time/sample_s": t_sample,
             "time/reward_s": t_wait,  # scoring not hidden behind decoding
         },

@@ -13,7 +13,7 @@ import inspect
 import math
 from typing import Any, Literal
 
-from vlmgym_model import CompletionStatics, LoraConfig, flag
+from vlmgym_model import CompletionStatics, LoraConfig, default_length_buckets, flag
 
 from vlmgym_train.advantages import ADVANTAGES, parse_clip_range
 from vlmgym_train.kl_control import KL_TARGET_START
@@ -71,6 +71,14 @@ class RolloutSection:
     vlm_max_pixels: int | None = flag(
         None, "image pixel budget (default: preprocessor config)", aliases=("--max_pixels",)
     )
+
+    def length_buckets(self) -> tuple[int, ...] | None:
+        """The sampler's prompt length buckets, ending at --max_prompt_tokens (None: the
+        sampler's default)."""
+        if self.max_prompt_tokens is None:
+            return None
+        shorter = tuple(b for b in default_length_buckets() if b < self.max_prompt_tokens)
+        return (*shorter, self.max_prompt_tokens)
 
     def __post_init__(self) -> None:
         _at_least_one(
@@ -370,6 +378,11 @@ class RunSection:
     progress: bool = flag(True, "show a progress bar")
 
     max_nan_steps: int = flag(3, "consecutive non-finite steps before the run stops")
+    max_skip_fraction: float = flag(
+        0.1,
+        "stop when more than this fraction of the tasks tried could not be read (corrupt "
+        "or oversized images...); each is skipped, replaced and counted until then",
+    )
     debug: bool = flag(False, "show the traceback of an error (bad flags, files, full disk)")
     allow_config_change: bool = flag(
         False,
@@ -388,6 +401,9 @@ class RunSection:
             self, "total_steps", "save_interval", "keep_checkpoints", "max_nan_steps",
             "plan_image_size",
         )  # fmt: skip
+        _finite(self)
+        if not 0 <= self.max_skip_fraction <= 1:
+            raise ValueError(f"--max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}")
         if self.resume and not self.save_dir:
             raise ValueError("--resume needs --save_dir (the run to continue)")
         if self.test_interval and not self.test_env_name:

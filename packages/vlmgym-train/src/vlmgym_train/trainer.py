@@ -28,7 +28,6 @@ from vlmgym_model import (
     SamplingParams,
     ShardingRules,
     adapter_specs,
-    default_length_buckets,
     init_adapters,
     load_model,
     merge_adapters,
@@ -42,7 +41,7 @@ from vlmgym_model import (
 
 from vlmgym_train import distributed
 from vlmgym_train.advantages import get_advantage
-from vlmgym_train.checkpointing import TrainCheckpointer, TrainState
+from vlmgym_train.checkpointing import TrainCheckpointer, TrainState, complete_checkpoints
 from vlmgym_train.config import TrainConfig
 from vlmgym_train.errors import make_env
 from vlmgym_train.grpo import DataOrder, StepSetup, grpo_step, train_step
@@ -56,28 +55,13 @@ from vlmgym_train.optim import (
     trainable_by_name,
 )
 from vlmgym_train.plan import warn_if_over_memory
+from vlmgym_train.rollout import UnreadableTasks
 
 log = logging.getLogger("vlmgym_train")
 
 
-def _complete_checkpoints(directory: Path) -> list[str]:
-    """The complete checkpoints in `directory` (orbax renames a step's folder to its bare
-    number once written; an interrupted save leaves only a temporary folder)."""
-    if not directory.is_dir():
-        return []
-    return [p.name for p in directory.iterdir() if p.is_dir() and p.name.isdigit()]
-
-
 class TrainingError(RuntimeError):
     """The run cannot continue (e.g. repeated non-finite losses); a checkpoint was written."""
-
-
-def prompt_buckets(max_prompt_tokens: int | None) -> tuple[int, ...] | None:
-    """The sampler's prompt length buckets, ending at `max_prompt_tokens` (None: default)."""
-    if max_prompt_tokens is None:
-        return None
-    shorter = tuple(b for b in default_length_buckets() if b < max_prompt_tokens)
-    return (*shorter, max_prompt_tokens)
 
 
 def _dtype(name: str) -> Any:
@@ -132,7 +116,7 @@ class Trainer:
             self.processor,
             impl=cfg.optim.attention_impl,
             max_pixels=cfg.rollout.vlm_max_pixels,
-            length_buckets=prompt_buckets(cfg.rollout.max_prompt_tokens),
+            length_buckets=cfg.rollout.length_buckets(),
         )
         self.frozen = None if self.lora is None else params  # LoRA's base weights
         self.lora_base = self._lora_base()
@@ -167,6 +151,7 @@ class Trainer:
         )
         self.setup = self._step_setup()
         self.nan_streak = 0
+        self.unreadable = UnreadableTasks(cfg.run.max_skip_fraction)
         self.history: list[dict[str, float]] = []
 
     # ------------------------------------------------------------------ setup helpers
@@ -178,7 +163,7 @@ class Trainer:
         run_dir = Path(
             cfg.run.save_dir or distributed.allgather_bytes(default_dir.encode())[0].decode()
         )
-        if not cfg.run.resume and _complete_checkpoints(run_dir / "checkpoints"):
+        if not cfg.run.resume and complete_checkpoints(run_dir / "checkpoints"):
             raise FileExistsError(
                 f"{run_dir} already holds checkpoints; pass --resume to continue it or "
                 "choose another --save_dir"
@@ -236,7 +221,6 @@ class Trainer:
             log.warning("%s has no complete checkpoint yet; starting at step 0", self.run_dir)
             return None
         meta = self.checkpointer.read_meta()
-        self._check_resumed_config(meta.get("config") or {})
         saved = (meta.get("extra") or {}).get("lora_base")
         if (saved is None) != (self.lora is None):
             raise ValueError(
@@ -250,6 +234,9 @@ class Trainer:
                 f"(fingerprint {saved['fingerprint']}), not {self.model_dir} (fingerprint "
                 f"{self.lora_base['fingerprint']}); resume with the same --model_dir"
             )
+        changed = self.cfg.check_resume(meta.get("config") or {}, self.run_dir)
+        if changed:
+            log.warning("resuming %s with changed settings: %s", self.run_dir, changed)
         restored = self.checkpointer.restore(abstract_state=self.state)
         self.state = restored.state
         self.data.position = int(restored.data_position)
@@ -259,19 +246,6 @@ class Trainer:
             self.kl.coef = float(kl_coef)  # where the controller had got to
         log.info("resumed %s at step %d", self.run_dir, restored.step)
         return restored.step
-
-    def _check_resumed_config(self, saved: dict[str, Any]) -> None:
-        """Refuse to resume with settings that change the run, unless allowed."""
-        changes = self.cfg.changes_from(saved)
-        if not changes:
-            return
-        listed = "; ".join(changes)
-        if not self.cfg.run.allow_config_change:
-            raise ValueError(
-                f"--resume with settings that differ from the run in {self.run_dir}: {listed}. "
-                "Resume with the run's own flags, or pass --allow_config_change to apply them"
-            )
-        log.warning("resuming %s with changed settings: %s", self.run_dir, listed)
 
     def _step_setup(self) -> StepSetup:
         """What `grpo_step` reads: the env, the sampler, the jitted update and placement."""
@@ -377,6 +351,7 @@ class Trainer:
         all_skipped = metrics["skipped"] == self.cfg.updates_per_step
         self.nan_streak = self.nan_streak + 1 if all_skipped else 0
         metrics["lr"] = float(self.lr_schedule(int(self.state.step) - 1))
+        self.unreadable.count(metrics, self.env)
         return metrics
 
     # ------------------------------------------------------------------ the loop
@@ -403,7 +378,8 @@ class Trainer:
                     bar.set_postfix(
                         reward=f"{metrics['reward/mean']:.3f}",
                         step_s=f"{metrics['time/step_s']:.1f}",
-                    )
+                        **self.unreadable.postfix(),
+                    )  # fmt: skip
                 if self.nan_streak >= cfg.run.max_nan_steps:
                     self.save(step + 1, force=True)
                     raise TrainingError(
