@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from vlmgym_model import (
     AdapterError,
     LoraConfig,
@@ -250,3 +252,30 @@ def test_adapter_arrays_carry_a_manifest_and_refuse_nan(saved, tmp_path):
     save_adapters(directory, pairs, cfg, saved[0], force=True)
     with pytest.raises(AdapterError, match=r"non-finite .* text\.layers\.v_proj\.b"):
         load_adapters(directory)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(data=st.data())
+def test_fuzzed_params_bytes_load_exactly_or_fail_by_name(saved, tmp_path_factory, data):
+    """Any flip, truncation or extension of any file under params/ (manifest included) is a
+    `CheckpointIntegrityError` naming a file, or loads the very same weights: never other
+    exceptions, never silently different weights."""
+    source, want = saved
+    root = tmp_path_factory.mktemp("fuzz")
+    shutil.copytree(source, root / "m")
+    params_dir = root / "m" / "params"
+    target = params_dir / data.draw(st.sampled_from(files(params_dir)), label="file")
+    raw = bytearray(target.read_bytes())
+    how = data.draw(st.sampled_from(["flip", "truncate", "extend"]), label="how")
+    if how == "flip" and raw:
+        at = data.draw(st.integers(0, len(raw) - 1), label="at")
+        raw[at] ^= data.draw(st.integers(1, 255), label="mask")
+    elif how == "truncate":
+        raw = raw[: data.draw(st.integers(0, max(len(raw) - 1, 0)), label="keep")]
+    else:
+        raw += data.draw(st.binary(min_size=1, max_size=64), label="tail")
+    target.write_bytes(bytes(raw))
+    try:
+        assert_loads(root / "m", want)
+    except CheckpointIntegrityError as err:
+        assert "\n" not in str(err).strip() and str(params_dir) in str(err)

@@ -28,6 +28,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from vlmgym_train.jsonable import atomic_write_text
+
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_run_id.txt"
 
@@ -86,11 +88,7 @@ class MetricsLogger:
         kept: list[dict[str, Any]] = []
         if resume_step is not None and self.path.exists():
             kept = [r for r in _read_records(self.path) if int(r.get("step", -1)) <= resume_step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        with tmp.open("w") as f:
-            for record in kept:
-                f.write(json.dumps(record) + "\n")
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = self.path.open("a")
         self._wandb_run: Any = None
         if wandb_project is not None:
@@ -130,7 +128,7 @@ class MetricsLogger:
             resume="allow" if run_id else None,
         )
         if getattr(run, "id", None):
-            id_file.write_text(str(run.id) + "\n")
+            atomic_write_text(id_file, str(run.id) + "\n")
         return run
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:

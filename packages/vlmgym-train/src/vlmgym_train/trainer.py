@@ -45,6 +45,7 @@ from vlmgym_train.checkpointing import TrainCheckpointer, TrainState, complete_c
 from vlmgym_train.config import TrainConfig
 from vlmgym_train.errors import make_env
 from vlmgym_train.grpo import DataOrder, StepSetup, grpo_step, train_step
+from vlmgym_train.jsonable import atomic_write_text
 from vlmgym_train.kl_control import KLController
 from vlmgym_train.metrics_log import MetricsLogger, plot_rewards
 from vlmgym_train.microbatch import MicroBatches, PolicyView, micro_logprobs, place_micro
@@ -467,7 +468,9 @@ class Trainer:
         jsonl = self.run_dir / "metrics.jsonl"
         if jsonl.is_file():
             plot_rewards(jsonl, self.run_dir / "reward.png")
-        (self.run_dir / "summary.json").write_text(json.dumps(self.summary(), indent=2) + "\n")
+        atomic_write_text(
+            self.run_dir / "summary.json", json.dumps(self.summary(), indent=2) + "\n"
+        )
         distributed.sync("vlmgym_train:finish")
 
     def summary(self) -> dict[str, Any]:
