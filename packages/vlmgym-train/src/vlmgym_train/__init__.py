@@ -9,7 +9,8 @@ become the model's weights), `losses`, `shaping` (DAPO's masks and penalty),
 `advantages`, `kl_control` (fixed or adaptive KL coefficient), `optim`, `checkpointing`,
 `config` (every setting, in the sections of `sections`: rollout, algorithm, optim, mesh,
 run; flat on the command line), `plan` (`--plan`: per-device memory from compiled
-programs), `evaluate`, `distributed`.
+programs), `evaluate`, `judge` (a second model as a reward), `errors` (what the programs
+report as one line), `distributed`.
 
 Public API:
 - advantages: `get_advantage(name)(rewards[G, n]) -> [G, n]` for "grpo", "dr_grpo", "rloo",
