@@ -65,3 +65,29 @@ def test_judge_settings_are_checked(tiny_model_dir, tmp_path):
         ModelJudge(tmp_path, rubric="x")
     with pytest.raises(ValueError, match="scale"):
         ModelJudge(tiny_model_dir, rubric="x", scale=0)
+
+
+def test_a_dataset_env_names_the_judge_from_json(tiny_model_dir, tmp_path):
+    """`--env_kwargs '{"reward": {"judge": {...}, "exact": 0.5}}'`: the judge is built from
+    its options by name, beside a library reward, and scores with it."""
+    import json
+
+    from fixtures.datasets import write_shapes_parquet
+    from vlmgym_envs import make
+    from vlmgym_envs.rewards import resolve_reward
+
+    options = {"model_dir": str(tiny_model_dir), "rubric": "Is it the right colour?",
+               "dtype": "float32", "max_new_tokens": 2, "weight": 2.0}  # fmt: skip
+    data = write_shapes_parquet(tmp_path / "shapes.parquet", rows=4)
+    env = make("dataset", path=str(data), image_column="image", prompt="{question}",
+               reward=json.dumps({"judge": options, "exact": 0.5}))  # fmt: skip
+    state, _ = env.reset(0)
+    results = env.step_many([state, state], ["red", "blue"])
+    assert [sorted(r.info["reward_parts"]) for r in results] == [["exact", "judge"]] * 2
+    for r in results:
+        parts = r.info["reward_parts"]
+        assert r.reward == pytest.approx(2.0 * parts["judge"] + 0.5 * parts["exact"])
+    combined = resolve_reward({"judge": options, "exact": 0.5})
+    assert len(combined(["red"], answer=["red"])) == 1
+    with pytest.raises(ValueError, match="no reward factory"):
+        resolve_reward({"jduge": options})

@@ -5,17 +5,22 @@
     state, obs = env.reset(0)  # obs.messages: HF chat messages with PIL images
     result = env.step(state, "red")  # StepResult(reward, done, info, observation, state)
 
+    # any table of rows and a reward; standard tasks: geometry3k, clevr_count, mathvista
+    env = vlmgym_envs.DatasetEnv("hiyouga/geometry3k", "train", image_column="images",
+                                 prompt="{problem}", reward="math")
+
 Importing this package loads no dataset, table or heavy dependency; each environment module
-is imported by `make` on first use.
+but the light `dataset_env` is imported by `make` on first use.
 
 Layout: `core` (the `Env` API), `registry` (`make`), `answers` (answer parsers the tasks
 share), one module or folder per task (`shapes`, `wordcount`, `nlvr2`, `geoguessr/`: env,
 answer, reward, reward_v1, geospot, gazetteer, geography, metrics; `caption/`: env, cider),
-and `data/` (errors and skip counts, bounded image decoding, archives, tables, the Hugging
-Face hub cache). A task owns its evaluation metrics and plots (`Env.metrics`, `Env.plots`)
-and its training-step metrics (`Env.step_metrics`). `Env.reset` raises `SkipTask` for a
-task it cannot show (a corrupt or oversized image...); `Env.skipped()` counts what was left
-out.
+`dataset_env` (`DatasetEnv`; `dataset_table` reads its table, `dataset_prompt` builds its
+messages, `dataset_reward` calls its reward) and `tasks` (standard tasks on it), and
+`data/` (errors and skip counts, bounded image decoding, archives, tables, the Hugging Face
+hub cache). A task owns its evaluation metrics and plots (`Env.metrics`, `Env.plots`) and
+its training-step metrics (`Env.step_metrics`). `Env.reset` raises `SkipTask` for a task it
+cannot show (a corrupt or oversized image...); `Env.skipped()` counts what was left out.
 """
 
 from vlmgym_envs.core import (
@@ -30,10 +35,13 @@ from vlmgym_envs.core import (
 from vlmgym_envs.data.archives import extract_zip
 from vlmgym_envs.data.errors import DataError, SkipCounts, SkipTask, UnsafeArchiveError
 from vlmgym_envs.data.images import ImageLimits, decode_image
+from vlmgym_envs.dataset_env import DatasetEnv, DatasetState
 from vlmgym_envs.registry import available, make, register, resolve, unregister
 
 __all__ = [
     "DataError",
+    "DatasetEnv",
+    "DatasetState",
     "Env",
     "ImageLimits",
     "Message",

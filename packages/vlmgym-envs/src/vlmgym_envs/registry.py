@@ -29,6 +29,10 @@ _FACTORIES: dict[str, EnvFactory | str] = {
     "caption": "vlmgym_envs.caption.env:CaptionEnv",
     "shapes": "vlmgym_envs.shapes:ShapesEnv",
     "wordcount": "vlmgym_envs.wordcount:WordCountEnv",
+    "dataset": "vlmgym_envs.dataset_env:DatasetEnv",
+    "geometry3k": "vlmgym_envs.tasks:Geometry3KEnv",
+    "clevr_count": "vlmgym_envs.tasks:ClevrCountEnv",
+    "mathvista": "vlmgym_envs.tasks:MathVistaEnv",
 }
 # Aliases: the names of the project vlm-gym descends from (sdan/vlm-gym) keep working.
 _ALIASES: dict[str, str] = {

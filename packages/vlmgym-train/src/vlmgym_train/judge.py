@@ -1,8 +1,9 @@
 """A model judge: a reward that asks a second vlm-gym model to score completions.
 
     judge = ModelJudge("models/qwen7b", rubric="Is the caption faithful and specific?")
-    env = make("dataset", ..., reward={"format": 0.1, judge: 1.0})   # Python
-    --env_kwargs '{"reward": {"judge": {"model_dir": "models/qwen7b", "rubric": "..."}}}'
+    env = DatasetEnv(..., reward=[judge, "boxed_format"])                 # Python
+    --env_kwargs '{"reward": {"judge": {"model_dir": "models/qwen7b", "rubric": "...",
+                                        "weight": 1.0}, "format": 0.1}}'  # command line
 
 It is a TRL-style batched reward function, `judge(completions, **columns) -> list[float]`:
 for each completion it renders a judging prompt (`JUDGE_TEMPLATE`: the rubric, the task's
