@@ -104,7 +104,9 @@ def test_every_source_gives_the_same_tasks(sources, form, monkeypatch):
     assert env.step(env.reset(1)[0], "\\frac{3}{4}").info == {
         "correct": True,
         "answer": "\\frac{3}{4}",
+        "format_ok": False,  # right, but not a marked final answer
     }
+    assert env.step(env.reset(1)[0], "\\boxed{0.75}").info["format_ok"] is True
     assert env.skipped() == ({"malformed_row": 1} if form == "jsonl" else {})
 
 
@@ -341,8 +343,9 @@ def test_combined_rewards_report_their_parts(parquet_env):
     wrong = env.step(state, "square")
     assert wrong.reward == 1.0 and not wrong.info["correct"]  # format alone is not correct
     records = [{"info": env.step(state, t).info, "reward": 0.0} for t in ("circle", "square")]
-    assert env.metrics(records) == {"accuracy": 0.5, "reward_parts/format": 1.0,
-                                    "reward_parts/accuracy": 0.5, "reward_errors": 0.0}  # fmt: skip
+    assert env.metrics(records) == {"accuracy": 0.5, "format_rate": 1.0,
+                                    "reward_parts/format": 1.0, "reward_parts/accuracy": 0.5,
+                                    "reward_errors": 0.0}  # fmt: skip
 
 
 def _named(name, fn):
@@ -406,7 +409,11 @@ def test_answer_column_is_the_gold_for_rewards(parquet_env, tmp_path):
     reward = Recorder()
     env = parquet_env(reward=reward, answer_column="problem")
     state, _ = env.reset(2)
-    assert env.step(state, "Name the shape.").info == {"correct": True, "answer": "Name the shape."}
+    assert env.step(state, "Name the shape.").info == {
+        "correct": True,
+        "answer": "Name the shape.",
+        "format_ok": False,
+    }
     assert reward.calls[0][1]["answer"] == ["Name the shape."]
     pytest.importorskip("vlmgym_envs.rewards")
     no_gold = write_cells(tmp_path)

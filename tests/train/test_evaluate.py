@@ -166,3 +166,26 @@ def test_the_env_supplies_its_metrics_and_plots(tmp_path):
     # an env without plots of its own gets the reward histogram
     plain = vlmgym_envs.make("shapes", preset="easy")
     assert write_plots(plain, records, tmp_path) == [tmp_path / "reward_hist.png"]
+
+
+def test_eval_cli_on_a_standard_task_reports_accuracy_format_and_pass_at_k(
+    tiny_model_dir, tmp_path, capsys
+):
+    from fixtures.datasets import write_geometry3k
+
+    write_geometry3k(tmp_path / "geo3k", split="test")
+    code = eval_main([
+        f"--model_dir={tiny_model_dir}", "--env_name=geometry3k",
+        f'--env_kwargs={{"path": "{tmp_path / "geo3k"}"}}', "--split=test",
+        "--num_samples=2", "--temperature=1.0", "--num_generation_tokens=4",
+        "--dtype=float32", f"--output_dir={tmp_path / 'out'}",
+    ])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    for key in ("accuracy", "format_rate", "pass@2", "mean@2", "reward/mean"):
+        assert 0.0 <= metrics[key] <= 1.0, (key, metrics)
+    assert metrics["tasks"] == 3
+    records = [
+        json.loads(x) for x in (tmp_path / "out" / "records.jsonl").read_text().split("\n") if x
+    ]
+    assert len(records) == 6 and all("format_ok" in r["info"] for r in records)

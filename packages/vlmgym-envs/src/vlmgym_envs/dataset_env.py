@@ -334,15 +334,28 @@ class DatasetEnv(Env[DatasetState]):
                 if e:
                     errors[i].append(e)
         self.reward_errors += sum(bool(e) for e in errors)
-        return [self._result(state, i, values, errors[i]) for i, state in enumerate(states)]
+        return [
+            self._result(state, i, values, errors[i], texts[i]) for i, state in enumerate(states)
+        ]
 
     def _result(
-        self, state: DatasetState, i: int, values: dict[str, list[float | None]], errors: list[str]
+        self,
+        state: DatasetState,
+        i: int,
+        values: dict[str, list[float | None]],
+        errors: list[str],
+        text: str,
     ) -> StepResult[DatasetState]:
+        from vlmgym_envs.rewards.extract import final_answer
+
         parts = {name: v[i] for name, v in values.items()}
         reward = sum(p.weight * (parts[p.name] or 0.0) for p in self.parts)
         primary = next((p for p in self.parts if p.name not in FORMAT_REWARDS), self.parts[0])
         info: dict[str, Any] = {"correct": (parts[primary.name] or 0.0) >= CORRECT_AT}
+        # the answer format: the format reward's verdict, else a marked final answer
+        fmt = next((p for p in self.parts if p.name in FORMAT_REWARDS), None)
+        ok = (parts[fmt.name] or 0.0) >= CORRECT_AT if fmt else final_answer(text) is not None
+        info["format_ok"] = bool(ok)
         row = self._row(state.row) if self.answer_column or self.info_columns else {}
         if self.answer_column:
             info["answer"] = _jsonable(row[self.answer_column])
@@ -355,11 +368,14 @@ class DatasetEnv(Env[DatasetState]):
         return StepResult(reward=float(reward), done=True, info=info)
 
     def metrics(self, records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-        """accuracy (mean of info["correct"]), each reward part's mean, reward errors."""
+        """accuracy (mean of info["correct"]), format_rate (of info["format_ok"]: the format
+        reward's verdict, else a marked final answer: a \\boxed{}, an "Answer:" line or an
+        <answer> block), each reward part's mean, reward errors."""
         if not records:
             return {}
         infos = [r.get("info") or {} for r in records]
         out = {"accuracy": fmean([bool(i.get("correct")) for i in infos])}
+        out["format_rate"] = fmean([bool(i.get("format_ok")) for i in infos])
         for part in self.parts if len(self.parts) > 1 else ():
             got = [(i.get("reward_parts") or {}).get(part.name) for i in infos]
             numbers = [float(v) for v in got if isinstance(v, int | float)]
