@@ -22,6 +22,22 @@ def _highest_precision() -> Any:
         yield
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_memory_after_module() -> Any:
+    """After each module: its models are garbage now; collect them, drop JAX's compiled
+    programs and return freed heap to the system (glibc keeps it otherwise), so the next
+    module's models and AdamW moments fit beside what the suite has run before."""
+    yield
+    import contextlib
+    import ctypes
+    import gc
+
+    gc.collect()
+    jax.clear_caches()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 @pytest.fixture(scope="session")
 def real_dirs() -> RealModelDirs:
     """(hf_dir, model_dir) of the real-weights checkpoint."""
