@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import pickle
 import struct
 import subprocess
 import sys
@@ -340,9 +339,8 @@ def test_caption_parquet_odd_caption_cells(tmp_path):
     assert env.skipped() == {"no_caption": 2, "missing_image": 1}
 
 
-def test_skip_task_is_a_data_error_that_pickles():
+def test_skip_task_is_a_data_error_with_its_reason():
     err = SkipTask("corrupt_image", "image 'x' (a.zip:x.jpg) is corrupt")
     assert isinstance(err, DataError)
-    copy = pickle.loads(pickle.dumps(err))
-    assert copy.reason == "corrupt_image" and str(copy) == str(err)
+    assert err.reason == "corrupt_image" and "a.zip:x.jpg" in str(err)
     assert vlmgym_envs.make("shapes").skipped() == {}

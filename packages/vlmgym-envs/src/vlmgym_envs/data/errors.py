@@ -57,9 +57,6 @@ class SkipTask(DataError):
         super().__init__(message)
         self.reason = reason
 
-    def __reduce__(self) -> tuple[type[SkipTask], tuple[str, str]]:
-        return type(self), (self.reason, str(self))
-
 
 class SkipCounts(dict[str, int]):
     """reason -> how many items or rows were left out for it (a plain dict otherwise)."""
