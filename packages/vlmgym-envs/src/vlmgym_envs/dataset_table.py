@@ -34,6 +34,7 @@ from typing import Any
 
 from vlmgym_envs.data.errors import DataError, SkipCounts, SkipTask
 from vlmgym_envs.data.hub import hub_cache_dirs
+from vlmgym_envs.data.tables import find_split_files
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -350,20 +351,9 @@ def split_files(root: Path, split: str | None, *, one_split: bool = True) -> lis
                 if one_split:
                     _check_one_split(files, root)
             else:
-                files = _named_split_files(root, split, suffix)
+                files = find_split_files(root, split, suffix)
             if files:
                 return files
-    return []
-
-
-def _named_split_files(root: Path, split: str, suffix: str) -> list[Path]:
-    patterns = [f"{split}{suffix}", f"{split}-*{suffix}", f"data/{split}-*{suffix}",
-                f"{split}/*{suffix}", f"**/{split}-*{suffix}", f"**/{split}/*{suffix}",
-                f"**/{split}{suffix}"]  # fmt: skip
-    for pattern in patterns:
-        files = sorted(p for p in root.glob(pattern) if p.is_file())
-        if files:
-            return files
     return []
 
 

@@ -23,14 +23,17 @@ from vlmgym_envs.data.errors import DataError, SkipTask
 from vlmgym_envs.data.images import ImageLimits, decode_image
 
 
-def find_split_files(root: str | os.PathLike[str], split: str) -> list[Path]:
-    """The parquet files of `split` under `root` (see the module docstring), sorted."""
+def find_split_files(
+    root: str | os.PathLike[str], split: str, suffix: str = ".parquet"
+) -> list[Path]:
+    """The files of `split` under `root` ending in `suffix` (see the module docstring),
+    sorted: `root` itself when it is a file."""
     base = Path(root)
     if base.is_file():
         return [base]
-    patterns = [f"{split}-*.parquet", f"data/{split}-*.parquet", f"{split}/*.parquet",
-                f"**/{split}-*.parquet", f"**/{split}/*.parquet",
-                f"**/{split}.parquet"]  # fmt: skip
+    patterns = [f"{split}{suffix}", f"{split}-*{suffix}", f"data/{split}-*{suffix}",
+                f"{split}/*{suffix}", f"**/{split}-*{suffix}", f"**/{split}/*{suffix}",
+                f"**/{split}{suffix}"]  # fmt: skip
     for pattern in patterns:
         files = sorted(p for p in base.glob(pattern) if p.is_file())
         if files:
