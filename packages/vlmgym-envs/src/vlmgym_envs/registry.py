@@ -33,6 +33,9 @@ _FACTORIES: dict[str, EnvFactory | str] = {
     "geometry3k": "vlmgym_envs.tasks:Geometry3KEnv",
     "clevr_count": "vlmgym_envs.tasks:ClevrCountEnv",
     "mathvista": "vlmgym_envs.tasks:MathVistaEnv",
+    "shapes_zoom": "vlmgym_envs.shapes_zoom:ShapesZoomEnv",
+    "geoguessr_zoom": "vlmgym_envs.geoguessr.zoom:GeoZoomEnv",
+    "geoguessr_feedback": "vlmgym_envs.geoguessr.feedback:GeoFeedbackEnv",
 }
 # Aliases: the names of the project vlm-gym descends from (sdan/vlm-gym) keep working.
 _ALIASES: dict[str, str] = {
@@ -40,6 +43,8 @@ _ALIASES: dict[str, str] = {
     "truefalse": "nlvr2",
     "vision": "caption",
     "vision_caption": "caption",
+    "osv5m_zoom": "geoguessr_zoom",
+    "osv5m_feedback": "geoguessr_feedback",
 }
 
 
