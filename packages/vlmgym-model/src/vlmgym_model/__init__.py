@@ -14,6 +14,8 @@ when a JAX-backed name is first used):
   config.json; its `model_type` is the family (`FAMILIES`), the rest architecture switches
 - `Processor` (tokenizer + chat template + images), `preprocess_images`
 - `Sampler`, `SamplingParams`: batched generation with a KV cache and group sampling
+- `TokenPrompt`, `encode_conversations`, `continuation`, `pad_prompts`: multi-turn prompts
+  continued token-exactly (the sampled tokens and the env's new messages, never re-rendered)
 - `completion_logprobs(params, config, CompletionInputs, CompletionStatics)`: training's
   forward pass (log-probs and entropies of completions, each prompt run once per group);
   `token_logprobs` (chunked log-softmax), `compute_logprobs` (jitted, no gradients)
@@ -93,6 +95,11 @@ _EXPORTS: dict[str, str] = {
     "Sampler": "vlmgym_model.sampling",
     "default_length_buckets": "vlmgym_model.sampling",
     "SamplingParams": "vlmgym_model.sampling",
+    # multi-turn prompts as exact tokens
+    "TokenPrompt": "vlmgym_model.turns",
+    "continuation": "vlmgym_model.turns",
+    "encode_conversations": "vlmgym_model.turns",
+    "pad_prompts": "vlmgym_model.turns",
     # command lines and the host
     "parse_args": "vlmgym_model.cli",
     "flag": "vlmgym_model.cli",

@@ -100,6 +100,7 @@ def write_word_tokenizer(
     min_pixels: int = 3136,
     max_pixels: int = 200_704,
     family: str = "qwen2_5_vl",
+    phrases: Iterable[str] = (),
 ) -> dict[str, int]:
     """Write tokenizer.json, tokenizer_config.json, chat_template.json, generation_config.json
     and preprocessor_config.json for a word-level vocabulary covering `texts`.
@@ -108,7 +109,10 @@ def write_word_tokenizer(
     (Qwen2-VL, Qwen2.5-VL), or patch 16 and mean = std = 0.5 (Qwen3-VL).
 
     Every word of `texts` (and of the chat template's system prompt) gets one token, in
-    first-seen order after `<unk>` (id 0); Qwen's added tokens follow.
+    first-seen order after `<unk>` (id 0); Qwen's added tokens follow, then one added,
+    non-special token per distinct string of `phrases` (e.g. a whole tool call,
+    `vlmgym_envs.ToolEnv.tool_phrases`): text containing a phrase encodes it as that one
+    token, and decoding the token gives the phrase back verbatim.
 
     Returns:
       {token: id} for the whole vocabulary.
@@ -124,6 +128,9 @@ def write_word_tokenizer(
             vocab.setdefault(word, len(vocab))
     for content, _ in QWEN_ADDED_TOKENS:
         vocab[content] = len(vocab)
+    phrase_list = [p for p in dict.fromkeys(phrases) if p and p not in vocab]
+    for phrase in phrase_list:
+        vocab[phrase] = len(vocab)
     tokenizer = Tokenizer(WordLevel(vocab=vocab, unk_token=UNK))
     tokenizer.pre_tokenizer = _pre_tokenizer(pre_tokenizers)
     tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=True)
@@ -133,6 +140,7 @@ def write_word_tokenizer(
             for content, special in QWEN_ADDED_TOKENS
         ]
     )
+    tokenizer.add_tokens([AddedToken(p, special=False, normalized=False) for p in phrase_list])
     tokenizer.save(str(directory / "tokenizer.json"))
     configs = {
         "tokenizer_config.json": {
@@ -314,6 +322,7 @@ def write_tiny_model(
     init_scale: float = 0.02,
     vision_init_scale: float | None = None,
     family: str = "qwen2_5_vl",
+    phrases: Iterable[str] = (),
     **config_overrides: Any,
 ) -> Path:
     """Write a whole tiny model directory of `family` (see `config.FAMILIES`): word
@@ -321,6 +330,7 @@ def write_tiny_model(
 
     Args:
       texts: text the tokenizer must cover (prompts and answer words).
+      phrases: strings that get one token each (see `write_word_tokenizer`).
       init_scale: std of the random weight matrices.
       vision_init_scale: std of the vision tower's matrices (default: init_scale). A larger
         one makes image features stand out against token embeddings from the start.
@@ -333,7 +343,7 @@ def write_tiny_model(
     from vlmgym_model.qwen2_5_vl.model import init_random_params
 
     directory = Path(directory)
-    vocab = write_word_tokenizer(directory, texts, family=family)
+    vocab = write_word_tokenizer(directory, texts, family=family, phrases=phrases)
     raw = tiny_config_dict(vocab, family=family, **config_overrides)
     (directory / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     config = Qwen2_5_VLConfig.from_hf_dict(raw)

@@ -115,14 +115,35 @@ def image_inputs(
     rows: np.ndarray,
     cols: np.ndarray,
     feature_index: np.ndarray | None = None,
+    *,
+    bucket: bool = False,
+    drop_row: int | None = None,
 ) -> ImageInputs:
     """`ImageInputs` for images whose placeholders sit at (rows, cols) (host side).
 
     feature_index: which merged feature each placeholder receives (default: the k-th
     placeholder in row-major order gets the k-th feature, as the processor lays them out).
+    bucket: pad the patches to a power of two with one blank image whose features go
+      nowhere (attention stays within each image, so the real features do not change): a
+      run whose image count or sizes vary (multi-turn tool results) compiles once per
+      bucket, not once per step.
+    drop_row: pad the placements to one per feature with entries at this row, out of
+      the batch's range, which the scatter drops (constant shapes for a sampler's prefill).
     """
-    layout = vision.vision_layout(image_grid_thw, config.vision)
     pixels = np.asarray(pixel_values, np.float32)
+    grids = np.asarray(image_grid_thw).reshape(-1, 3)
+    merge = config.vision.spatial_merge_size
+    if bucket:
+        grids, pixels = _blank_images(grids, pixels, merge)
+    if drop_row is not None:
+        features = int(grids.prod(axis=1).sum()) // (merge * merge)
+        extra = features - len(rows)
+        if feature_index is None:
+            feature_index = np.arange(len(rows), dtype=np.int32)
+        rows = np.concatenate([rows, np.full(extra, drop_row)])
+        cols = np.concatenate([cols, np.zeros(extra, np.int64)])
+        feature_index = np.concatenate([feature_index, np.zeros(extra, np.int64)])
+    layout = vision.vision_layout(grids, config.vision)
     expected = (layout.num_patches, config.vision.patch_dim)
     if pixels.shape != expected:
         raise ValueError(
@@ -146,6 +167,27 @@ def image_inputs(
         max_image_len=layout.max_image_len,
         pos_index=layout.pos_index,
         pos_weight=layout.pos_weight,
+    )
+
+
+def _blank_images(grids: np.ndarray, pixels: np.ndarray, merge: int) -> tuple[np.ndarray, Any]:
+    """Blank images after the real ones, up to a power of two of patches. Each is at
+    most the size of the largest real image rounded up to a power of two, so the vision
+    tower's static per-image bound does not grow with them."""
+    patches = int(grids.prod(axis=1).sum())
+    missing = max(merge * merge, 1 << max(0, patches - 1).bit_length()) - patches
+    chunk = 1 << max(0, int(grids.prod(axis=1).max()) - 1).bit_length()
+    blanks = []
+    while missing > 0:  # patch counts are multiples of merge^2, so each piece is too
+        size = min(chunk, missing)
+        blanks.append([1, merge, size // merge])
+        missing -= size
+    if not blanks:
+        return grids, pixels
+    added = int(sum(b[2] for b in blanks)) * merge
+    return (
+        np.concatenate([grids, blanks]).astype(grids.dtype),
+        np.concatenate([pixels, np.zeros((added, pixels.shape[1]), np.float32)]),
     )
 
 
@@ -188,7 +230,9 @@ def model_inputs(
     images = None
     if n_image_tokens:
         rows, cols = np.nonzero(ids == config.image_token_id)
-        images = image_inputs(config, pixel_values, grids, rows, cols)
+        images = image_inputs(
+            config, pixel_values, grids, rows, cols, bucket=True, drop_row=ids.shape[0]
+        )
     inputs = ModelInputs(
         ids=ids.astype(np.int32),
         segment_ids=(mask != 0).astype(np.int32),
