@@ -192,3 +192,13 @@ def test_dynamic_sampling_mask() -> None:
     near = np.array([[1.0, 1.0000005, 1.0]], dtype=np.float32)
     assert bool(dynamic_sampling_mask(near)[0])
     assert not bool(dynamic_sampling_mask(near, atol=1e-6)[0])
+
+
+def test_discount_turns_credits_later_turns_more():
+    from vlmgym_train.advantages import discount_turns
+
+    # trajectory 0: three turns (rows 0, 2, 3), trajectory 1: one turn (row 1)
+    adv = np.array([2.0, -1.0, 2.0, 2.0], np.float32)
+    owner = np.array([0, 1, 0, 0])
+    np.testing.assert_allclose(discount_turns(adv, owner, 0.5), [0.5, -1.0, 1.0, 2.0])
+    np.testing.assert_array_equal(discount_turns(adv, owner, 1.0), adv)

@@ -84,9 +84,11 @@ def test_micro_batches_equal_the_full_batch(rollout, case):
     step = _step(config, loss_name, loss_cfg, PolicyView(jnp.float32), tx)
     state = TrainState.create(params, tx)
     full, full_metrics = step(state, split_micro(batch, None))
-    # 5 rows: prompts straddle micro-batches, and 12 rows pad to 15 (masked copies)
+    # 5 rows: prompts straddle micro-batches, and 12 rows pad to 15 (masked copies); with
+    # bucket_rows to 20 (a power of two of micro-batches: 4)
     micro = split_micro(batch, 5)
     assert micro.count == 3 and micro.rows == GROUPS * GROUP_SIZE
+    assert split_micro(batch, 5, bucket_rows=True).count == 4
     parts, part_metrics = step(state, micro)
     for k in full_metrics:
         np.testing.assert_allclose(float(part_metrics[k]), float(full_metrics[k]),
@@ -103,7 +105,7 @@ def test_reference_pass_in_micro_batches(rollout, tol):
     logp, _ = compute_logprobs(params, batch.inputs, config=config, statics=STATICS)
     ref = jax.jit(functools.partial(micro_logprobs, PolicyView(jnp.float32), config=config,
                                     statics=STATICS))  # fmt: skip
-    got = ref(params, None, split_micro(batch, 5))
+    got = np.asarray(ref(params, None, split_micro(batch, 5)))[: batch.num_rows]  # less padding
     m = np.asarray(batch.mask) > 0
     np.testing.assert_allclose(np.asarray(got)[m], np.asarray(logp)[m], atol=tol["float32"])
 
@@ -116,7 +118,7 @@ def test_lora_micro_batches_and_step_zero(rollout, tol):
     # step 0 is the base model: the adapted policy's log-probs are the sampler's
     logp = jax.jit(functools.partial(micro_logprobs, view, config=config, statics=STATICS))(
         adapters, params, split_micro(batch, None)
-    )
+    )[: batch.num_rows]
     m = np.asarray(batch.mask) > 0
     np.testing.assert_allclose(np.asarray(logp)[m], np.asarray(batch.old_logp)[m],
                                atol=tol["float32"])  # fmt: skip

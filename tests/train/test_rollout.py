@@ -203,8 +203,8 @@ def test_chunked_rollouts_score_while_decoding(setup):
             return super().step_many(states, texts)
 
     class TimedSampler(Sampler):
-        def generate(self, *args, **kwargs):
-            out = super().generate(*args, **kwargs)
+        def generate_ids(self, *args, **kwargs):
+            out = super().generate_ids(*args, **kwargs)
             events.append(("generated", time.perf_counter(), threading.current_thread().name))
             return out
 

@@ -19,6 +19,13 @@ the mean is taken of differences to one member, which are exactly 0 there (see `
 sampling keeps only those and refills the batch). After the estimator, the trainer can
 whiten the advantages over the whole batch (`global_normalise`) and clip them
 (`clip_advantages`), in that order, as the original project's first version did.
+
+Credit over turns: a multi-turn trajectory (tool calls, retries) is one sample of its
+group. Its reward is the sum of its turns' rewards (a final answer's score, minus any
+per-call costs), the estimator gives the trajectory one advantage A, and each of its
+turns' training rows gets it: turn k of T gets gamma^(T-1-k) * A with `--turn_discount`
+gamma (`discount_turns`; 1, the default, gives every turn A, as verl's and TRL's multi-turn
+GRPO do). A discount below 1 credits the turns nearest the outcome most.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 F = TypeVar("F", bound=Callable[..., jax.Array])
@@ -252,3 +260,20 @@ def parse_clip_range(text: str) -> tuple[float, float]:
 def clip_advantages(advantages: ArrayLike, low: float, high: float) -> jax.Array:
     """Advantages clipped to [low, high] (`jnp.clip`; NaN stays NaN)."""
     return jnp.clip(jnp.asarray(advantages, jnp.float32), low, high)
+
+
+def discount_turns(row_advantages: np.ndarray, trajectory: np.ndarray, gamma: float) -> np.ndarray:
+    """float32[R]: each row's advantage times gamma^(turns after it in its trajectory).
+
+    row_advantages: float[R], the advantage of each row's trajectory; trajectory: int[R],
+    which trajectory each row belongs to, its rows in turn order (as `build_batch` lays
+    them out)."""
+    adv = np.asarray(row_advantages, np.float32)
+    if gamma == 1.0:
+        return adv
+    owner = np.asarray(trajectory)
+    later = np.zeros(len(owner), np.int64)
+    for t in np.unique(owner):
+        rows = np.flatnonzero(owner == t)
+        later[rows] = np.arange(len(rows))[::-1]  # turns after each row's turn
+    return (adv * np.float32(gamma) ** later).astype(np.float32)

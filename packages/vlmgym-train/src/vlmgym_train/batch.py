@@ -36,6 +36,9 @@ class Batch:
     ref_logp: Any = None  # float32[R, N]: reference-policy log-probs (KL), when used
     num_tokens: Any = None  # float32[]: token_mean's denominator (see LossInputs)
     kl_coef: Any = None  # float32[]: the KL coefficient of the update (see LossInputs)
+    # float32[R, N]: the sampler's log-probs when old_logp holds the trainer's recomputed
+    # ones (the IS corrections' behaviour policy, see vlmgym_train.offpolicy); None: old_logp
+    behaviour_logp: Any = None
 
     @property
     def num_rows(self) -> int:
@@ -125,7 +128,10 @@ class _Rows:
         if not rows["targets"]:
             raise ValueError("no rows selected for the batch")
         P = len(self.p_ids)
-        pad = -(-P // max(1, prompt_slots)) * max(1, prompt_slots) - P
+        # prompt slots: a multiple of `prompt_slots`, the multiple a power of two (the count
+        # varies from step to step in multi-turn runs: a few shapes, not one per step)
+        slots = max(1, prompt_slots)
+        pad = slots * (1 << max(0, -(-P // slots) - 1).bit_length()) - P
         images = None
         if self.pixels:
             images = image_inputs(
@@ -134,6 +140,7 @@ class _Rows:
                 np.concatenate(self.grids),
                 np.concatenate(self.img_rows),
                 np.concatenate(self.img_cols),
+                bucket=True,
             )
         prompts = ModelInputs(
             ids=np.stack(self.p_ids + [self.p_ids[0]] * pad),
@@ -261,6 +268,7 @@ def slice_rows(batch: Batch, rows: Any) -> Batch:
         trajectory=per_row(batch.trajectory),
         truncated=per_row(batch.truncated),
         ref_logp=per_row(batch.ref_logp),
+        behaviour_logp=per_row(batch.behaviour_logp),
     )
 
 
@@ -292,4 +300,5 @@ def place_batch(batch: Batch, place: Callable[[Any, int | None], Any]) -> Batch:
         ref_logp=None if batch.ref_logp is None else place(batch.ref_logp, 0),
         num_tokens=None if batch.num_tokens is None else place(batch.num_tokens, None),
         kl_coef=None if batch.kl_coef is None else place(batch.kl_coef, None),
+        behaviour_logp=None if batch.behaviour_logp is None else place(batch.behaviour_logp, 0),
     )

@@ -29,6 +29,7 @@ class EvalArgs:
     split: str | None = flag(None, "dataset split (passed to the env as split=)")
     max_eval_tasks: int | None = flag(None, "evaluate at most this many tasks")
     num_samples: int = flag(1, "samples per task (pass@k / best-of-k)")
+    max_turns: int = flag(1, "turn limit for multi-turn environments (tool calls, feedback)")
     num_generation_tokens: int = flag(256, "max new tokens", aliases=("--max_new_tokens",))
     temperature: float = flag(0.0, "0 = greedy")
     top_k: int = flag(0, "top-k (0 = off)")
@@ -120,6 +121,7 @@ def _evaluate(args: EvalArgs) -> int:
             batch_size=args.inference_batch_per_device * jax.local_device_count(),
             progress=True,
             max_skip_fraction=args.max_skip_fraction,
+            max_turns=args.max_turns,
         ),
         output_dir=args.output_dir,
         identity=identity,

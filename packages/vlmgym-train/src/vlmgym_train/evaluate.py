@@ -6,8 +6,10 @@ Outputs in `output_dir`:
   and size, and a hash of the task list. A rerun into the same directory resumes only when
   its key is the same; otherwise it is refused (`EvalOutputError`) unless `overwrite`.
 - `records.jsonl`: one line per (task, sample): prompt, image reference, completion,
-  parsed answer, reward, info. Read back on a rerun with the same key: finished tasks are
-  skipped, so an interrupted evaluation resumes where it stopped.
+  parsed answer, reward, info; with `max_turns` > 1, one per episode with every turn
+  (text, tool calls, reward, returned image sizes: `eval_turns`). Read back on a rerun
+  with the same key: finished tasks are skipped, so an interrupted evaluation resumes
+  where it stopped.
 - `metrics.json`: the environment's own metrics (`Env.metrics` over each task's first
   sample), plus reward mean, and pass@k / mean@k with several samples per task.
 - plots: the environment's own (`Env.plots`; osv5m draws a world scatter of guesses
@@ -34,6 +36,7 @@ from vlmgym_envs import Env, SkipTask
 from vlmgym_envs.data.archives import DataError
 from vlmgym_model import Sampler, SamplingParams
 
+from vlmgym_train.eval_turns import episode_records, turn_metrics
 from vlmgym_train.jsonable import atomic_write_text, jsonable
 
 
@@ -50,6 +53,8 @@ class EvalConfig:
     progress: bool = False
     # stop when more than this fraction of the tasks (once 20 were tried) cannot be read
     max_skip_fraction: float = 0.1
+    # >1: whole multi-turn episodes (tool calls, feedback), recorded per turn (eval_turns)
+    max_turns: int = 1
 
 
 class EvalOutputError(ValueError):
@@ -109,6 +114,7 @@ def compute_metrics(env: Env, records: list[dict[str, Any]], num_samples: int) -
     metrics = dict(env.metrics(first))
     metrics["reward/mean"] = float(np.mean([r["reward"] for r in records]))
     metrics["tasks"] = float(len(first))
+    metrics.update(turn_metrics(records))
     if skipped:
         metrics["tasks_skipped"] = float(len(skipped))
         for reason in sorted({r["skipped"] for r in skipped}):
@@ -323,7 +329,14 @@ def evaluate(
             # (indexed by the batch's readable tasks below)
             readable, resets, unreadable = _reset(env, batch)
             new = unreadable
-            if readable:
+            if readable and cfg.max_turns > 1:
+                shown = [batch[i] for i in readable]
+                new = new + episode_records(
+                    env, sampler, params, shown, [tasks.index(t) for t in shown], sampling,
+                    base, max_turns=cfg.max_turns, prompt_text=_prompt_text,
+                    image_reference=_image_reference,
+                )  # fmt: skip
+            elif readable:
                 messages = [obs.messages for _, obs in resets]
                 gen = sampler.generate(params, messages, sampling, key[np.asarray(readable)])
                 shown = [batch[i] for i in readable]

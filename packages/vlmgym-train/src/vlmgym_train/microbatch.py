@@ -13,7 +13,8 @@ are those of R rows, whatever `groups_per_batch x group_size`:
 
 The loss of a micro-batch divides by the whole batch's counts (`losses.Totals`: tokens,
 rows, non-empty rows), so the losses, gradients and metrics of the micro-batches add up
-to the full batch's exactly (up to summation order). Rows are cut in order; a row count
+to the full batch's exactly (up to summation order); metrics named `*_max` are maxima
+(`is_max_metric`), combined by max instead. Rows are cut in order; a row count
 that R does not divide is padded with masked copies of the first row (only multi-turn
 rollouts, whose row counts vary, need it; `TrainConfig` checks the single-turn case).
 
@@ -67,7 +68,9 @@ class MicroBatches:
     micro: Micro  # [M, ...]
     images: ImageInputs | None  # every image of the batch: the vision tower runs once
     totals: Totals  # the whole batch's counts (the losses' denominators)
-    rows: int = dataclasses.field(metadata={"static": True})  # real rows, before padding
+    # real rows, before padding (a leaf, not static: a step's row count varies in multi-turn
+    # runs, and the padded shapes are what compiles)
+    rows: int
 
     @property
     def count(self) -> int:
@@ -89,12 +92,14 @@ def _pad_rows(batch: Batch, rows: int) -> Batch:
 
 
 def _placements(parts: list[Batch]) -> list[FeaturePlacement] | None:
-    """Each micro-batch's feature placement, padded to the longest with dropped entries
-    (row index = the prompt count, out of range)."""
+    """Each micro-batch's feature placement, padded to one entry per image feature (the
+    batch's images are bucketed, so a constant per bucket) with dropped entries (row
+    index = the prompt count, out of range)."""
     images = [p.inputs.prompts.images for p in parts]
     if images[0] is None:
         return None
-    longest = max(len(np.asarray(i.rows)) for i in images)
+    features = len(np.asarray(images[0].unit_inverse))
+    longest = max(features, *(len(np.asarray(i.rows)) for i in images))
 
     def padded(x: Any, fill: int) -> np.ndarray:
         x = np.asarray(x)
@@ -115,11 +120,19 @@ def _without_images(batch: Batch) -> Batch:
     return dataclasses.replace(batch, inputs=dataclasses.replace(batch.inputs, prompts=prompts))
 
 
-def split_micro(batch: Batch, micro_rows: int | None) -> MicroBatches:
-    """Cut a host `Batch` into micro-batches of `micro_rows` rows (None: one micro-batch)."""
+def split_micro(batch: Batch, micro_rows: int | None, *, bucket_rows: bool = False) -> MicroBatches:
+    """Cut a host `Batch` into micro-batches of `micro_rows` rows (None: one micro-batch).
+
+    bucket_rows: pad the rows (with masked copies) to a power of two of micro-batches, for
+    steps whose row count varies (multi-turn runs): a few shapes, not one per step."""
     rows = batch.num_rows
-    micro_rows = rows if micro_rows is None else min(micro_rows, rows)
-    count = -(-rows // micro_rows)
+    if bucket_rows:
+        bucket = 1 << max(0, rows - 1).bit_length()
+        micro_rows = bucket if micro_rows is None else min(micro_rows, bucket)
+        count = 1 << max(0, -(-rows // micro_rows) - 1).bit_length()
+    else:
+        micro_rows = rows if micro_rows is None else min(micro_rows, rows)
+        count = -(-rows // micro_rows)
     totals = Totals(
         tokens=np.float32(np.asarray(batch.mask).sum()),
         rows=np.float32(rows),
@@ -136,6 +149,9 @@ def split_micro(batch: Batch, micro_rows: int | None) -> MicroBatches:
         for i, p in enumerate(parts)
     ]
     stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *micros)
+    if images is not None:  # the micro-batches' placements are what place features
+        none = np.zeros(0, np.int32)
+        images = dataclasses.replace(images, rows=none, cols=none, feature_index=none)
     return MicroBatches(micro=stacked, images=images, totals=totals, rows=rows)
 
 
@@ -199,6 +215,17 @@ def _add(acc: PyTree, x: PyTree) -> PyTree:
     return jax.tree.map(lambda a, b: a + b.astype(a.dtype), acc, x)
 
 
+def is_max_metric(name: str) -> bool:
+    """Whether a loss metric is a maximum (over tokens, >= 0): named `*_max`. Micro-batches
+    and updates combine those by max; every other metric is a sum over micro-batches."""
+    return name.endswith("_max")
+
+
+def _add_metrics(acc: dict[str, jax.Array], x: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Metrics of micro-batches so far plus one more: sums, or maxima for `*_max`."""
+    return {k: jnp.maximum(v, x[k]) if is_max_metric(k) else v + x[k] for k, v in acc.items()}
+
+
 def _zeros(shapes: PyTree, dtype: Any = None) -> PyTree:
     return jax.tree.map(lambda s: jnp.zeros(s.shape, dtype or s.dtype), shapes)
 
@@ -219,7 +246,8 @@ def micro_gradients(
     loss_cfg: LossConfig,
 ) -> tuple[PyTree, dict[str, jax.Array]]:
     """The loss's gradient with respect to `trainable` over all micro-batches, and the
-    loss's metrics (sums over micro-batches: each is already divided by the totals).
+    loss's metrics (sums over micro-batches: each is already divided by the totals; maxima
+    for `*_max`).
 
     Gradients are accumulated in the trained pytree's dtype.
     """
@@ -239,7 +267,8 @@ def micro_gradients(
 
         def body(carry: Any, m: Micro) -> tuple[Any, None]:
             (_, metrics), grads = grad_fn(text_part, features, m)
-            return _add(carry, (grads, metrics)), None
+            acc_grads, acc_metrics = carry
+            return (_add(acc_grads, grads), _add_metrics(acc_metrics, metrics)), None
 
         shapes = jax.eval_shape(grad_fn, text_part, features, _index(micro.micro, 0))
         (_, metric_shapes), (text_shapes, feature_shapes) = shapes
@@ -286,8 +315,9 @@ def micro_logprobs(
     config: Qwen2_5_VLConfig,
     statics: CompletionStatics,
 ) -> jax.Array:
-    """float32[rows, N] log-probs of the batch's completions, one micro-batch at a time
-    (the reference policy's pass): the vision tower once, the decoder per micro-batch."""
+    """float32[M * R, N] log-probs of the batch's completions, padding rows included (the
+    first `micro.rows` are the batch's), one micro-batch at a time (the reference
+    policy's pass): the vision tower once, the decoder per micro-batch."""
     vision_part, text_part = view.split(trainable)
     features, _ = _vision(
         view, vision_part, frozen, micro.images, config,
@@ -301,4 +331,4 @@ def micro_logprobs(
         return logp
 
     logp = jax.lax.map(one, micro.micro)  # [M, R, N]
-    return logp.reshape(-1, logp.shape[-1])[: micro.rows]
+    return logp.reshape(-1, logp.shape[-1])

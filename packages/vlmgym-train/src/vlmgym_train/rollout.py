@@ -5,9 +5,16 @@ prefill; the environment scores each completion's text. A multi-turn environment
 answers `done=False` gets its next observation appended to that sample's conversation and
 the sample is continued, up to `max_turns`.
 
+Turns continue token-exactly (`vlmgym_model.turns`): turn k+1's prompt is turn k's prompt,
+the tokens the sampler drew and the tokens of the env's new messages (their images
+processed once, where they arrive), never the conversation re-rendered from decoded text.
+A trajectory whose next prompt would not fit the sampler's largest length bucket ends
+there (`info["context_full"]`).
+
 Every turn becomes one training row (`vlmgym_train.batch.build_batch`): the prompt it was
-sampled from, the tokens actually sampled, and their behaviour log-probs. All turns of a
-trajectory share the trajectory's total reward, hence its advantage.
+sampled from, the tokens actually sampled (the loss mask covers exactly those), and their
+behaviour log-probs. A trajectory's reward is the sum of its turns' rewards; all its rows
+share its advantage (optionally discounted per turn: `advantages.discount_turns`).
 """
 
 from __future__ import annotations
@@ -24,7 +31,16 @@ import jax.numpy as jnp
 import numpy as np
 from vlmgym_envs import Env, Observation, SkipTask, StepResult
 from vlmgym_envs.data.archives import DataError
-from vlmgym_model import Generation, Sample, Sampler, SamplingParams
+from vlmgym_model import (
+    Generation,
+    Sample,
+    Sampler,
+    SamplingParams,
+    TokenPrompt,
+    continuation,
+    encode_conversations,
+    pad_prompts,
+)
 
 from vlmgym_train.jsonable import jsonable
 
@@ -44,6 +60,12 @@ class Trajectory:
     turns: int = 0
     texts: list[str] = dataclasses.field(default_factory=list)
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # the next turn's prompt as exact tokens (`vlmgym_model.turns`), set once sampled from
+    prompt: TokenPrompt | None = None
+    rewards: list[float] = dataclasses.field(default_factory=list)  # per turn
+    appended: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # last turn's
+    # [width, height] of each image the env returned after each turn
+    returned_images: list[list[list[int]]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -179,8 +201,10 @@ def run_groups(
                 else:
                     keys = _keys(sub, group_offset * n + np.asarray(owners))
                 t1 = time.perf_counter()
-                prompts = [trajectories[i].messages for i in owners]
-                gen = sampler.generate(params, prompts, turn_sampling, keys)
+                if turn == 0:  # one prompt per group, shared by its n trajectories
+                    _encode_first_turn(sampler, trajectories, owners, n)
+                prompts = [trajectories[i].prompt for i in owners]
+                gen = _generate(sampler, params, prompts, turn_sampling, keys)
                 t_sample += time.perf_counter() - t1
                 turns.append(TurnRows(generation=gen, trajectories=owners))
                 samples = [s for group in gen.samples for s in group]
@@ -195,6 +219,8 @@ def run_groups(
                 results = future.result()
                 for i, sample, result in zip(sample_owner, samples, results, strict=True):
                     _record(trajectories[i], sample, result, last_turn=turn == max_turns - 1)
+                    if not trajectories[i].done:
+                        _continue_prompt(sampler, trajectories[i], sample)
             t_wait += time.perf_counter() - t2
     finally:
         pool.shutdown(wait=True)
@@ -210,10 +236,48 @@ def run_groups(
     )
 
 
+def _encode_first_turn(
+    sampler: Sampler, trajectories: list[Trajectory], heads: list[int], n: int
+) -> None:
+    """Tokenise the first-turn conversation of each group (`heads`: the index of its
+    first trajectory) and give the prompt to the group's n trajectories."""
+    prompts = encode_conversations(
+        sampler.processor,
+        [trajectories[i].messages for i in heads],
+        min_pixels=sampler.min_pixels,
+        max_pixels=sampler.max_pixels,
+    )
+    for head, prompt in zip(heads, prompts, strict=True):
+        for j in range(n):
+            trajectories[head + j].prompt = prompt
+
+
+def _generate(
+    sampler: Sampler,
+    params: Any,
+    prompts: Sequence[TokenPrompt | None],
+    sampling: SamplingParams,
+    keys: jax.Array,
+) -> Generation:
+    ready = [p for p in prompts if p is not None]
+    assert len(ready) == len(prompts), "a trajectory was sampled before it was tokenised"
+    inputs = pad_prompts(ready, sampler.pad_token_id)
+    return sampler.generate_ids(
+        params,
+        inputs["input_ids"],
+        inputs["attention_mask"],
+        sampling,
+        keys,
+        pixel_values=inputs["pixel_values"],
+        image_grid_thw=inputs["image_grid_thw"],
+    )
+
+
 def _record(traj: Trajectory, sample: Sample, result: StepResult, *, last_turn: bool) -> None:
     """Apply one turn's completion and its env result to a trajectory."""
     traj.turns += 1
     traj.texts.append(sample.text)
+    traj.rewards.append(float(result.reward))
     traj.reward += float(result.reward)
     traj.info = dict(result.info)
     traj.info["finish_reason"] = sample.finish_reason
@@ -221,12 +285,49 @@ def _record(traj: Trajectory, sample: Sample, result: StepResult, *, last_turn: 
         traj.done = True
         return
     _append_assistant(traj.messages, sample.text)
+    traj.appended = []
     if result.observation is not None:
         next_obs = result.observation
         extra = next_obs.messages if isinstance(next_obs, Observation) else next_obs
         traj.messages.extend(extra)
+        traj.appended = list(extra)
+    traj.returned_images.append(
+        [list(image.size) for image in Observation(list(traj.appended)).images]
+    )
     if result.state is not None:
         traj.state = result.state
+
+
+def _placeholder_ids(sampler: Sampler) -> list[int]:
+    processor = sampler.processor
+    ids = [processor.image_token_id, getattr(processor, "video_token_id", None)]
+    return [int(i) for i in ids if i is not None]
+
+
+def _continue_prompt(sampler: Sampler, traj: Trajectory, sample: Sample) -> None:
+    """The trajectory's next prompt: its last prompt + the sampled tokens + the env's new
+    messages as the chat template writes them (`vlmgym_model.turns.continuation`)."""
+    assert traj.prompt is not None
+    if np.isin(sample.tokens, _placeholder_ids(sampler)).any():
+        # an image placeholder the model wrote has no image behind it: the prompt cannot
+        # go on token-exactly (random models do this; trained ones practically never)
+        traj.done = True
+        traj.info["placeholder_in_reply"] = True
+        return
+    tail = continuation(
+        sampler.processor,
+        traj.appended,
+        stop_token=int(sample.tokens[-1]) if sample.finish_reason == "stop" else None,
+        min_pixels=sampler.min_pixels,
+        max_pixels=sampler.max_pixels,
+    )
+    sampled = TokenPrompt(np.asarray(sample.tokens, np.int32))
+    prompt = traj.prompt.extend(sampled).extend(tail)
+    if len(prompt) > sampler.length_buckets[-1]:
+        traj.done = True  # no room for another turn: the episode ends here
+        traj.info["context_full"] = True
+        return
+    traj.prompt = prompt
 
 
 def merge_rounds(
@@ -265,6 +366,7 @@ def round_to_arrays(
                 "done": t.done,
                 "turns": t.turns,
                 "texts": t.texts,
+                "rewards": t.rewards,
                 "info": t.info,
             }
             for t in trajectories
@@ -320,6 +422,7 @@ def round_from_arrays(
             turns=t["turns"],
             texts=list(t["texts"]),
             info=dict(t["info"]),
+            rewards=list(t.get("rewards", [])),
         )
         for t in meta["trajectories"]
     ]

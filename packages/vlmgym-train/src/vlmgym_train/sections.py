@@ -18,6 +18,7 @@ from vlmgym_model import CompletionStatics, LoraConfig, default_length_buckets, 
 from vlmgym_train.advantages import ADVANTAGES, parse_clip_range
 from vlmgym_train.kl_control import KL_TARGET_START
 from vlmgym_train.losses import AGGREGATIONS, LOSSES, LossConfig
+from vlmgym_train.offpolicy import IS_CORRECTIONS
 from vlmgym_train.optim import OptimConfig
 
 DEFAULT_LORA_TARGETS = "attention,mlp"
@@ -60,6 +61,11 @@ class RolloutSection:
     top_k: int = flag(0, "top-k when sampling (0 = off)")
     top_p: float = flag(1.0, "nucleus mass when sampling (1 = off)")
     max_turns: int = flag(1, "turn limit for multi-turn environments")
+    turn_discount: float = flag(
+        1.0,
+        "multi-turn credit: turn k of T gets turn_discount^(T-1-k) x its trajectory's "
+        "advantage (1: every turn the same)",
+    )
     max_prompt_tokens: int | None = flag(
         None,
         "the longest prompt allowed, in tokens (a longer one is an error; prompts are never "
@@ -70,6 +76,16 @@ class RolloutSection:
     )
     vlm_max_pixels: int | None = flag(
         None, "image pixel budget (default: preprocessor config)", aliases=("--max_pixels",)
+    )
+    max_staleness: int = flag(
+        0,
+        "sample up to K steps ahead in a background thread, with params at most K updates "
+        "old, while the current step trains (0: sample, then train)",
+    )
+    rollout_devices: int = flag(
+        0,
+        "sample on the last N devices while the others train; params are copied there "
+        "after each update (0: sample on the training mesh)",
     )
 
     def length_buckets(self) -> tuple[int, ...] | None:
@@ -92,12 +108,19 @@ class RolloutSection:
             "max_prompt_tokens",
         )
         _finite(self)
+        if not 0 < self.turn_discount <= 1:
+            raise ValueError(f"--turn_discount must be in (0, 1], got {self.turn_discount}")
         if self.temperature < 0:
             raise ValueError(f"--temperature must be >= 0 (0: greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top_p must be in (0, 1] (1: off), got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"--top_k must be >= 0 (0: off), got {self.top_k}")
+        if self.max_staleness < 0 or self.rollout_devices < 0:
+            raise ValueError(
+                "--max_staleness and --rollout_devices must be >= 0, got "
+                f"{self.max_staleness} and {self.rollout_devices}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +192,20 @@ class AlgorithmSection:
         "trainer's), and they are what sampled the tokens, so the ratio corrects any "
         "sampler/trainer mismatch instead of hiding it",
     )
+    is_correction: Literal["none", "token_tis", "seq_tis", "token_mask"] = flag(
+        "none",
+        "importance weight on each token's policy-gradient term for samples drawn by older "
+        "(--max_staleness) or mismatched params: token_tis min(rho, C), seq_tis min(prod_t "
+        "rho, C) per row, token_mask 0 outside [1/C, C]; rho = pi_proximal / pi_sampler, the "
+        "proximal log-probs recomputed each step (vlmgym_train.offpolicy). With --loss "
+        "ppo_clip, token_tis is decoupled PPO (TRL vllm_importance_sampling_mode "
+        "token_truncate, sequence_truncate, token_mask)",
+    )
+    is_cap: float = flag(
+        2.0,
+        "C > 1 of --is_correction (TRL vllm_importance_sampling_clip_max)",
+        aliases=("--vllm_importance_sampling_clip_max",),
+    )
     dynamic_sampling: bool = flag(
         False,
         "drop groups whose rewards are all equal and refill",
@@ -211,6 +248,15 @@ class AlgorithmSection:
         _one_of(self, "seq_denominator", ("nonempty", "all"))
         _one_of(self, "token_normaliser", ("minibatch", "batch"))
         _one_of(self, "entropy_aggregation", ("loss", "token_mean"))
+        _one_of(self, "is_correction", IS_CORRECTIONS)
+        if not self.is_cap > 1:
+            raise ValueError(f"--is_cap must be > 1, got {self.is_cap}")
+
+    @property
+    def recomputes_logprobs(self) -> bool:
+        """Whether each step recomputes the behaviour log-probs with the trainer's pass
+        (--recompute_behaviour_logprobs, or any --is_correction: the proximal policy's)."""
+        return self.recompute_behaviour_logprobs or self.is_correction != "none"
 
     @property
     def updates_per_step(self) -> int:
@@ -243,6 +289,8 @@ class AlgorithmSection:
             kl_ratio=self.kl_ratio,
             entropy_coef=self.entropy_coef,
             entropy_aggregation=self.entropy_aggregation,
+            is_correction=self.is_correction,
+            is_cap=self.is_cap,
         )
 
 
