@@ -1,4 +1,6 @@
-"""GRPO steps on real weights: every loss, every attention impl that runs on CPU.
+"""GRPO steps on real weights: each loss family on the xla attention, and the Pallas kernel
+(interpreted on CPU). The jnp reference's gradients under huge masked scores are checked in
+tests/kernels/test_masked_extremes.py.
 
 Tiny random models never produced the large attention scores that made the xla attention's
 gradients NaN on a real checkpoint (the exp of a masked score overflowed, and 0 * inf in the
@@ -75,7 +77,7 @@ def real_batch(real_dirs) -> tuple[Any, Batch]:
 
 
 CASES = [("ppo_clip", "xla"), ("gspo", "xla"), ("reinforce", "xla")]
-CASES += [("ppo_clip", "reference"), ("ppo_clip", "pallas_interpret")]
+CASES += [("ppo_clip", "pallas_interpret")]
 
 
 @pytest.mark.parametrize(("loss", "impl"), CASES, ids=[f"{a}-{b}" for a, b in CASES])
@@ -130,7 +132,7 @@ def test_lora_steps_in_micro_batches(real_dirs, real_batch, tol) -> None:
     view = PolicyView(jax.numpy.float32, lora)
     statics = CompletionStatics()
     logp = micro_logprobs(view, adapters, base, split_micro(batch, 2), config=config,
-                          statics=statics)  # fmt: skip
+                          statics=statics)[: batch.num_rows]  # fmt: skip
     m = np.asarray(batch.mask) > 0
     np.testing.assert_allclose(np.asarray(logp)[m], batch.old_logp[m], atol=tol["float32"])
     tx = make_optimizer(OptimConfig(lr=1e-4, max_grad_norm=1.0))

@@ -9,8 +9,10 @@ become the model's weights), `losses`, `shaping` (DAPO's masks and penalty),
 `advantages`, `kl_control` (fixed or adaptive KL coefficient), `optim`, `checkpointing`,
 `config` (every setting, in the sections of `sections`: rollout, algorithm, optim, mesh,
 run; flat on the command line), `plan` (`--plan`: per-device memory from compiled
-programs), `evaluate`, `judge` (a second model as a reward), `errors` (what the programs
-report as one line), `distributed`.
+programs), `evaluate` (`eval_turns`: multi-turn episodes), `judge` (a second model as a
+reward), `errors` (what the programs report as one line), `distributed`,
+`async_rollout` (`--max_staleness`, `--rollout_devices`), `offpolicy` (importance
+corrections for stale or mismatched samples).
 
 Public API:
 - advantages: `get_advantage(name)(rewards[G, n]) -> [G, n]` for "grpo", "dr_grpo", "rloo",
@@ -19,6 +21,9 @@ Public API:
 - losses: `get_loss(name)(LossInputs, LossConfig) -> (loss, metrics)` for "ppo_clip",
   "gspo", "reinforce"; `register_loss`, `LOSSES`, `aggregate`, `kl_penalty`
 - shaping: `mask_truncated`, `overlong_penalty`
+- offpolicy: `importance_weights(old_logp, behaviour_logp, mask, correction, cap)`,
+  `sampler_gap`
+- advantages: `discount_turns` (credit over the turns of a multi-turn trajectory)
 - optim: `OptimConfig`, `make_optimizer(cfg, params, trainable=...)`, `make_schedule`,
   `trainable_by_name`, `cast_for_compute`, `is_finite`, `apply_if_finite`
 - checkpointing: `TrainState`, `TrainCheckpointer`, `RestoredCheckpoint`
@@ -27,6 +32,7 @@ Public API:
 
 from vlmgym_train.advantages import (
     ADVANTAGES,
+    discount_turns,
     dr_grpo,
     dynamic_sampling_mask,
     get_advantage,
@@ -49,6 +55,7 @@ from vlmgym_train.losses import (
     register_loss,
 )
 from vlmgym_train.metrics_log import MetricsLogger, mean_info, plot_rewards
+from vlmgym_train.offpolicy import importance_weights, sampler_gap
 from vlmgym_train.optim import (
     OptimConfig,
     apply_if_finite,
@@ -74,11 +81,13 @@ __all__ = [
     "aggregate",
     "apply_if_finite",
     "cast_for_compute",
+    "discount_turns",
     "dr_grpo",
     "dynamic_sampling_mask",
     "get_advantage",
     "get_loss",
     "gspo",
+    "importance_weights",
     "is_finite",
     "kl_penalty",
     "make_optimizer",
@@ -93,5 +102,6 @@ __all__ = [
     "register_loss",
     "reinforce_plus_plus",
     "rloo",
+    "sampler_gap",
     "trainable_by_name",
 ]

@@ -211,7 +211,7 @@ RESUME_FREE = frozenset(
         "max_nan_steps", "plan", "plan_image_size", "mesh_data", "mesh_fsdp", "mesh_tensor",
         "coordinator_address", "num_processes", "process_id", "distributed",
         "micro_batch_size", "attention_impl", "logprob_chunk", "remat", "rollout_chunks",
-        "save_dir", "debug",
+        "save_dir", "debug", "rollout_devices",
     }
 )  # fmt: skip
 

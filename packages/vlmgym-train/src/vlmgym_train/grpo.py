@@ -7,11 +7,15 @@
                           the overlong penalty; advantages per group (then optionally
                           whitened over the batch and clipped); the overlong mask
       3. (log-prob passes) the behaviour log-probs recomputed, with
-                          --recompute_behaviour_logprobs; log-probs under the frozen
+                          --recompute_behaviour_logprobs or --is_correction (the sampler's
+                          kept as `behaviour_logp`); log-probs under the frozen
                           reference policy, when kl_coef > 0
       4. update           `ppo_epochs` x `minibatches` jitted `train_step`s: log-probs under
                           the current params, the registered loss, a NaN-skipping update
       5. step_metrics     what the step logs; the KL controller reads the step's KL
+
+Steps 2-5 alone are `train_on_rollouts`: with --max_staleness > 0 (`async_rollout.py`) the
+rollouts of later steps are collected in a background thread while this one trains.
 
 The loss functions are in `losses.py`, the advantage estimators in `advantages.py`;
 `Trainer` (trainer.py) builds a `StepSetup` once and runs steps: directories, resume,
@@ -38,14 +42,25 @@ from vlmgym_envs import Env
 from vlmgym_model import CompletionStatics, Qwen2_5_VLConfig, Sampler, SamplingParams
 
 from vlmgym_train import distributed
-from vlmgym_train.advantages import clip_advantages, dynamic_sampling_mask, global_normalise
+from vlmgym_train.advantages import (
+    clip_advantages,
+    discount_turns,
+    dynamic_sampling_mask,
+    global_normalise,
+)
 from vlmgym_train.batch import Batch, build_batch, slice_rows
 from vlmgym_train.checkpointing import TrainState
 from vlmgym_train.config import TrainConfig
 from vlmgym_train.kl_control import KLController
 from vlmgym_train.losses import LossConfig, get_loss
 from vlmgym_train.metrics_log import mean_info
-from vlmgym_train.microbatch import MicroBatches, PolicyView, micro_gradients, split_micro
+from vlmgym_train.microbatch import (
+    MicroBatches,
+    PolicyView,
+    is_max_metric,
+    micro_gradients,
+    split_micro,
+)
 from vlmgym_train.optim import apply_if_finite
 from vlmgym_train.rollout import Trajectory, TurnRows, gather_round, merge_rounds, run_groups
 from vlmgym_train.shaping import mask_truncated, overlong_penalty
@@ -80,7 +95,8 @@ class StepSetup:
     ref_logprobs: float32[R, N] log-probs of placed micro-batches under the reference
       policy, or None without a KL term.
     behaviour_logprobs: float32[R, N] log-probs of placed micro-batches under a state's
-      policy (--recompute_behaviour_logprobs), or None: the sampler's are used.
+      policy (--recompute_behaviour_logprobs, --is_correction), or None: the sampler's are
+      used.
     kl: the KL coefficient (fixed or adaptive), or None without a KL term.
     """
 
@@ -107,12 +123,26 @@ class Rollouts:
     turns: list[TurnRows]
     select: list[int]  # trajectory indices, `group_size` per chosen group
     stats: dict[str, float]
+    # updates between the params that sampled them and the params they train (--max_staleness)
+    staleness: int = 0
 
 
 def grpo_step(setup: StepSetup, state: TrainState, step: int) -> tuple[TrainState, dict]:
     """One training step (rollouts, advantages, updates); the new state and its metrics."""
     t0 = time.perf_counter()
     rollouts = collect_groups(setup, setup.rollout_params(state), step)
+    return train_on_rollouts(setup, state, rollouts, step, t0)
+
+
+def train_on_rollouts(
+    setup: StepSetup, state: TrainState, rollouts: Rollouts, step: int, t0: float
+) -> tuple[TrainState, dict]:
+    """The training part of a step (2-5 above) on rollouts sampled already: `grpo_step`
+    after `collect_groups`, and what `async_rollout` runs on a batch sampled ahead.
+
+    t0: `time.perf_counter()` when the step began: `time/rollout_s` runs from it to the
+    scored batch, `time/step_s` to the end of the step.
+    """
     batch, trajs, rewards, advantages = score_groups(setup, rollouts)
     rollouts.stats["time/rollout_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -234,7 +264,9 @@ def score_groups(
     batch = dataclasses.replace(
         batch,
         mask=mask,
-        advantages=advantages.reshape(-1)[batch.trajectory].astype(np.float32),
+        advantages=discount_turns(
+            advantages.reshape(-1)[batch.trajectory], batch.trajectory, rollout.turn_discount
+        ),
         # --token_normaliser batch: every minibatch divides by the step's tokens / minibatches
         # (TRL's "dapo"); None: each minibatch by its own token count
         num_tokens=np.float32(mask.sum() / algorithm.minibatches)
@@ -251,23 +283,35 @@ def logprob_passes(
     """The batch with the behaviour log-probs recomputed under `state` (when asked) and
     the reference policy's log-probs (with a KL term), one placement shared by both.
 
-    Recomputing logs how far the sampler's log-probs were from the trainer's:
+    Recomputing keeps the sampler's log-probs in `batch.behaviour_logp` (the behaviour
+    policy of `--is_correction`) and logs how far they were from the trainer's:
     `logprob/sampler_gap_mean` and `_max`, |log pi_sampler - log pi_trainer| over the
-    sampled tokens."""
+    sampled tokens (with stale rollouts, the drift of the params as well)."""
     if setup.behaviour_logprobs is None and setup.ref_logprobs is None:
         return batch
-    micro = setup.place(split_micro(batch, setup.cfg.optim.micro_batch_size))
+    micro = setup.place(
+        split_micro(batch, setup.cfg.optim.micro_batch_size, bucket_rows=_varies(setup))
+    )
     if setup.behaviour_logprobs is not None:
         tokens = np.asarray(batch.inputs.segment_ids) > 0
-        old = np.where(tokens, distributed.to_host(setup.behaviour_logprobs(state, micro)), 0.0)
+        recomputed = distributed.to_host(setup.behaviour_logprobs(state, micro))
+        old = np.where(tokens, recomputed[: batch.num_rows], 0.0)  # less the padding rows
         gap = np.abs(old - np.asarray(batch.old_logp))[tokens]
         stats["logprob/sampler_gap_mean"] = float(gap.mean()) if gap.size else 0.0
         stats["logprob/sampler_gap_max"] = float(gap.max()) if gap.size else 0.0
-        batch = dataclasses.replace(batch, old_logp=old.astype(np.float32))
+        sampled = batch.old_logp if batch.behaviour_logp is None else batch.behaviour_logp
+        batch = dataclasses.replace(
+            batch, old_logp=old.astype(np.float32), behaviour_logp=np.asarray(sampled, np.float32)
+        )
     if setup.ref_logprobs is not None:
         ref = setup.ref_logprobs(micro)
-        batch = dataclasses.replace(batch, ref_logp=distributed.to_host(ref))
+        batch = dataclasses.replace(batch, ref_logp=distributed.to_host(ref)[: batch.num_rows])
     return batch
+
+
+def _varies(setup: StepSetup) -> bool:
+    """Whether a step's row count varies (multi-turn): its rows are then bucketed."""
+    return setup.cfg.rollout.max_turns > 1
 
 
 def _env_metrics(env: Env, trajs: list[Trajectory]) -> dict[str, float]:
@@ -331,7 +375,11 @@ def update(
         rows = batch.num_rows
         order = rng.permutation(rows) if algorithm.minibatches > 1 else np.arange(rows)
         for rows in np.split(order, algorithm.minibatches):
-            micro = split_micro(slice_rows(batch, rows), setup.cfg.optim.micro_batch_size)
+            micro = split_micro(
+                slice_rows(batch, rows),
+                setup.cfg.optim.micro_batch_size,
+                bucket_rows=_varies(setup),
+            )
             state, m = setup.update_fn(state, setup.place(micro))
             metrics.append(m)
     return state, jax.device_get(metrics)
@@ -345,9 +393,20 @@ def step_metrics(
     advantages: np.ndarray,
     stats: dict[str, float],
 ) -> dict[str, float]:
-    """What a step logs: the updates' loss metrics (mean over updates), rewards,
-    advantages, lengths, timings and the env's info (mean over trajectories)."""
-    metrics = {k: float(np.mean([float(m[k]) for m in updates])) for k in updates[0]}
+    """What a step logs: the updates' loss metrics (mean over updates; `*_max` ones the
+    max), rewards, advantages, lengths, timings and the env's info (mean over trajectories).
+
+    `monitor/sampler_gap_mean` and `_max` come from the first update alone (first epoch,
+    first minibatch), whose params are those that sampled the batch unless it is stale
+    (`async/staleness` > 0; then they are left out): |log pi_sampler - log pi_trainer| on
+    the sampled tokens, the sampler/trainer mismatch, on every step at no extra cost."""
+    metrics: dict[str, float] = {}
+    for k in updates[0]:
+        values = [float(m[k]) for m in updates]
+        if not k.startswith("monitor/"):
+            metrics[k] = float(np.max(values) if is_max_metric(k) else np.mean(values))
+    if stats.get("async/staleness", 0.0) == 0:
+        metrics.update({k: float(v) for k, v in updates[0].items() if k.startswith("monitor/")})
     lengths = np.asarray(batch.inputs.segment_ids).sum(axis=1)  # sampled tokens per row
     flat = rewards.reshape(-1)
     metrics.update(

@@ -14,7 +14,8 @@ chosen estimator of KL(pi_theta || pi_ref), `w` 1 or the loss's importance ratio
 (`entropy_aggregation`).
 
 Registered: `ppo_clip` (GRPO, DAPO, Dr. GRPO), `gspo` (sequence-level ratio), `reinforce`
-(no ratio). Pick one with `get_loss(name)`; add one with `@register_loss("name")`.
+(no ratio). Pick one with `get_loss(name)`; add one with `@register_loss("name")`. Stale or
+mismatched samples: `LossConfig.is_correction` weighs pg (`offpolicy.py`).
 
 Recipes:
 - GRPO: `grpo` advantages, `ppo_clip`, aggregation="seq_mean", kl_coef=0.04, kl_estimator="k3".
@@ -25,17 +26,14 @@ Recipes:
 - GSPO: `grpo` advantages, `gspo`, aggregation="seq_mean", clip_low=3e-4, clip_high=4e-4.
 - LUSPO: as GSPO with aggregation="seq_sum", seq_denominator="all".
 
-TRL's GRPOTrainer (1.16) is reproduced exactly: loss_type grpo = seq_mean with
-seq_denominator="all", bnpo = token_mean, dapo = token_mean with `LossInputs.num_tokens`,
-dr_grpo = constant, luspo = as above; importance_sampling_level="sequence" = `gspo`; delta =
-dual_clip; use_bias_correction_kl = kl_ratio; its entropy bonus = entropy_aggregation
-="token_mean". verl's loss_agg_mode token-mean, seq-mean-token-mean, seq-mean-token-sum,
-seq-mean-token-sum-norm = token_mean, seq_mean, seq_sum, token_sum_norm.
+TRL's GRPOTrainer (1.16) and verl's loss_agg_mode are reproduced exactly: README.md maps
+their options onto these settings (checked in tests/train/test_trl_compat.py).
 
 Tokens outside `mask` never reach the loss or its gradient: every per-token quantity goes
 through `jnp.where(mask, x, 0)` before any exp, so their gradient is exactly zero even when
 their log-probs are garbage (inf or nan) there. DAPO's masks and shaping: `shaping.py`.
-Metrics are stop-gradient scalars; token statistics are means over masked tokens.
+Metrics are stop-gradient scalars; token statistics are means over masked tokens, except
+those named `*_max` (maxima over masked tokens).
 """
 
 from __future__ import annotations
@@ -47,6 +45,8 @@ from typing import Any, Literal, TypeVar
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
+
+from vlmgym_train.offpolicy import ISCorrection, check_correction, reweight
 
 Aggregation = Literal["token_mean", "seq_mean", "seq_sum", "constant", "token_sum_norm"]
 SeqDenominator = Literal["nonempty", "all"]
@@ -85,7 +85,8 @@ class LossInputs:
 
     logp: float[B, T]        log pi_theta(y_t | y_<t, x) under the current params; the only
                              differentiable input.
-    old_logp: float[B, T]    behaviour log-probs recorded by the sampler (untempered policy).
+    old_logp: float[B, T]    log-probs the ratio divides by (untempered): the sampler's, or
+                             the proximal policy's, recomputed at the step's start.
     mask: float|bool[B, T]   1 on completion tokens up to and including the first stop
                              token, 0 on prompt and padding.
     advantages: float[B]     one advantage per sequence (`advantages.reshape(-1)`).
@@ -93,15 +94,16 @@ class LossInputs:
                              `kl_coef > 0`.
     entropy: float[B, T]     token entropy of pi_theta (differentiable); needed when
                              `entropy_coef > 0`, reported as a metric when given.
-    num_tokens: float[]      the denominator of "token_mean" when the batch is a minibatch
-                             of a larger generation batch: (completion tokens of the whole
-                             generation batch) / (number of minibatches), so that every token
-                             of the generation batch weighs the same in every update (TRL's
-                             "dapo"). None: this batch's own token count, sum(mask).
+    num_tokens: float[]      "token_mean"'s denominator for a minibatch of a larger batch:
+                             (the whole batch's completion tokens) / (minibatches), so every
+                             token of it weighs the same in every update (TRL's "dapo").
+                             None: this batch's own token count, sum(mask).
     totals: Totals           the whole batch's counts when this is one micro-batch of it
                              (every mean divides by them); None: this batch's own.
     kl_coef: float[]         this update's KL coefficient (a controller's, `--kl_target`);
                              None: `LossConfig.kl_coef` (> 0 puts the KL term in the loss).
+    behaviour_logp: float[B, T]  the sampler's log-probs when `old_logp` was recomputed (the
+                             IS corrections' pi_behav, the monitor's reference); None: old_logp.
     """
 
     logp: jax.Array
@@ -113,6 +115,7 @@ class LossInputs:
     num_tokens: jax.Array | None = None
     totals: Totals | None = None
     kl_coef: jax.Array | None = None
+    behaviour_logp: jax.Array | None = None
 
     @classmethod
     def from_batch(
@@ -134,6 +137,7 @@ class LossInputs:
             num_tokens=batch.num_tokens,
             totals=totals,
             kl_coef=getattr(batch, "kl_coef", None),
+            behaviour_logp=getattr(batch, "behaviour_logp", None),
         )
 
 
@@ -171,6 +175,8 @@ class LossConfig:
     entropy_aggregation: "loss" (default; the entropy goes through `aggregation` like the
         other terms, as in verl) or "token_mean" (the mean token entropy of the batch,
         whatever the aggregation, as in TRL).
+    is_correction, is_cap: the importance weight on pg for samples drawn by another policy
+        than `old_logp`'s, and its cap C > 1 (`offpolicy.py`; "none", the default, is off).
     """
 
     clip_low: float = 0.2
@@ -184,6 +190,8 @@ class LossConfig:
     kl_ratio: bool = False
     entropy_coef: float = 0.0
     entropy_aggregation: Literal["loss", "token_mean"] = "loss"
+    is_correction: ISCorrection = "none"
+    is_cap: float = 2.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.clip_low < 1.0:
@@ -202,8 +210,9 @@ class LossConfig:
             raise ValueError(f"max_tokens must be positive, got {self.max_tokens}")
         if self.kl_coef < 0.0 or self.entropy_coef < 0.0:
             raise ValueError(
-                f"kl_coef and entropy_coef must be >= 0, got {self.kl_coef}, {self.entropy_coef}"
+                f"kl_coef, entropy_coef must be >= 0: {self.kl_coef}, {self.entropy_coef}"
             )
+        check_correction(self.is_correction, self.is_cap)
 
 
 LossFn = Callable[[LossInputs, LossConfig], tuple[jax.Array, dict[str, jax.Array]]]
@@ -277,13 +286,10 @@ def aggregate(
         per_seq = v.sum(axis=1)  # [B]
         if mode == "seq_mean":
             per_seq = per_seq / jnp.maximum(lengths, 1.0)  # [B]
-        if seq_denominator == "all":
-            return per_seq.sum() / jnp.maximum(B, 1.0)
-        if seq_denominator == "nonempty":
-            return per_seq.sum() / jnp.maximum(own.nonempty, 1.0)
-        raise ValueError(
-            f"seq_denominator must be one of {SEQ_DENOMINATORS}, got {seq_denominator!r}"
-        )
+        if seq_denominator not in SEQ_DENOMINATORS:
+            raise ValueError(f"seq_denominator {seq_denominator!r}: choose from {SEQ_DENOMINATORS}")
+        rows = B if seq_denominator == "all" else own.nonempty
+        return per_seq.sum() / jnp.maximum(rows, 1.0)
     if mode == "constant":
         return v.sum() / (B * budget)
     if mode == "token_sum_norm":
@@ -319,7 +325,7 @@ def _check(batch: LossInputs) -> None:
     shape = batch.logp.shape
     if len(shape) != 2:
         raise ValueError(f"logp must be float[B, T], got shape {shape}")
-    for name in ("old_logp", "mask", "ref_logp", "entropy"):
+    for name in ("old_logp", "mask", "ref_logp", "entropy", "behaviour_logp"):
         x = getattr(batch, name)
         if x is not None and x.shape != shape:
             raise ValueError(f"{name} has shape {x.shape}, logp has {shape}")
@@ -341,17 +347,13 @@ def _finish(
     KL estimate is multiplied by it when `config.kl_ratio`.
     """
     m = batch.mask > 0
-    agg = dict(
-        mode=config.aggregation,
-        max_tokens=config.max_tokens,
-        seq_denominator=config.seq_denominator,
-        num_tokens=batch.num_tokens,
-        totals=batch.totals,
-    )
     totals = batch.totals
+    agg = dict(mode=config.aggregation, max_tokens=config.max_tokens, totals=totals,
+               seq_denominator=config.seq_denominator, num_tokens=batch.num_tokens)  # fmt: skip
+    pg, off_policy = reweight(pg, batch, config.is_correction, config.is_cap)  # [B, T]
+    metrics = {**metrics, **off_policy}
     pg_loss = aggregate(pg, batch.mask, **agg)
     loss = pg_loss
-    metrics = dict(metrics)
     metrics["loss/pg"] = pg_loss
     if batch.ref_logp is not None:
         d_logp = jnp.where(m, batch.logp, 0.0)
@@ -423,7 +425,10 @@ def ppo_clip(batch: LossInputs, config: LossConfig) -> tuple[jax.Array, dict[str
                    (w = r when kl_ratio, else 1)
 
     The gradient of a token is zero when its ratio is clipped on the side the advantage
-    pushes toward: r > 1 + clip_high with A > 0, or r < 1 - clip_low with A < 0.
+    pushes toward: r > 1 + clip_high with A > 0, or r < 1 - clip_low with A < 0. With
+    `is_correction` "token_tis" and `old_logp` recomputed at the step's start (the trainer
+    does so when a correction is on), pg[b, t] * min(pi_prox / pi_behav, is_cap) is the
+    decoupled PPO objective (Hilton et al. 2021, as in AReaL; `offpolicy.py`).
 
     Metrics: loss, loss/pg, loss/kl, loss/entropy, clip_frac/low, clip_frac/high (fractions of
     tokens with zero gradient from each bound), ratio/mean, approx_kl (mean of (r - 1) -
@@ -471,9 +476,8 @@ def gspo(batch: LossInputs, config: LossConfig) -> tuple[jax.Array, dict[str, ja
     metrics = _clip_fractions(ratio, adv, batch, config)
     seq_ratio = jnp.exp(seq_log_ratio)  # [B]
     nonempty = (lengths > 0).sum() if batch.totals is None else batch.totals.nonempty
-    metrics["ratio/seq_mean"] = jnp.where(lengths > 0, seq_ratio, 0.0).sum() / jnp.maximum(
-        nonempty, 1
-    )
+    seq_mean = jnp.where(lengths > 0, seq_ratio, 0.0).sum() / jnp.maximum(nonempty, 1)
+    metrics["ratio/seq_mean"] = seq_mean
     return _finish(pg, log_ratio, batch, config, metrics, kl_weight=seq_ratio[:, None])
 
 

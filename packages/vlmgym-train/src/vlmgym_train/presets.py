@@ -28,28 +28,59 @@ TINY_PRESET: dict[str, Any] = dict(
 
 
 def environment_texts(env: Env, max_tasks: int = 400) -> list[str]:
-    """Every text the tiny tokenizer must cover: prompts of the env's first tasks, and its
-    answer vocabulary when it declares one."""
+    """Every text the tiny tokenizer must cover: prompts of the env's first tasks, its
+    answer vocabulary when it declares one, and, for an env with tool phrases, what the env
+    replies to each phrase (tool results) on its first tasks."""
     texts: list[str] = []
     for idx in range(min(len(env), max_tasks)):
         try:
             _, obs = env.reset(idx)
         except SkipTask:  # an unreadable task: counted by the env, its text not needed
             continue
-        for message in obs.messages:
-            content = message.get("content")
-            if isinstance(content, str):
-                texts.append(content)
-                continue
-            for part in content or []:
-                if part.get("type") == "text":
-                    texts.append(str(part.get("text", "")))
+        texts.extend(_message_texts(obs.messages))
     # An env (or its module) may declare its answer words: `answer_vocabulary() -> words`.
     vocabulary = getattr(env, "answer_vocabulary", None) or getattr(
         sys.modules.get(type(env).__module__), "answer_vocabulary", None
     )
     if callable(vocabulary):
         texts.append(" ".join(vocabulary()))
+    texts.extend(_reply_texts(env, environment_phrases(env)))
+    return texts
+
+
+def environment_phrases(env: Env) -> list[str]:
+    """Strings the tiny tokenizer gives one token each: the env's `tool_phrases()` (whole
+    tool calls, e.g. `vlmgym_envs.ToolEnv`), so a random policy says a valid call as often
+    as it says any answer word. Empty for envs without tools."""
+    phrases = getattr(env, "tool_phrases", None)
+    return [str(p) for p in phrases()] if callable(phrases) else []
+
+
+def _message_texts(messages: list[dict[str, Any]]) -> list[str]:
+    texts: list[str] = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            texts.append(content)
+            continue
+        for part in content or []:
+            if part.get("type") == "text":
+                texts.append(str(part.get("text", "")))
+    return texts
+
+
+def _reply_texts(env: Env, phrases: list[str], max_tasks: int = 8) -> list[str]:
+    """The texts of the env's replies to each phrase on its first tasks."""
+    texts: list[str] = []
+    for idx in range(min(len(env), max_tasks) if phrases else 0):
+        try:
+            state, _ = env.reset(idx)
+        except SkipTask:
+            continue
+        for phrase in phrases:
+            result = env.step(state, phrase)
+            if result.observation is not None:
+                texts.extend(_message_texts(result.observation.messages))
     return texts
 
 
@@ -77,5 +108,6 @@ def write_tiny_preset(
         seed=seed,
         vision_init_scale=vision_init_scale,
         family=family,
+        phrases=environment_phrases(env),
         **TINY_PRESET,
     )

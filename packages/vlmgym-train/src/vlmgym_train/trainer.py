@@ -3,7 +3,8 @@
 `Trainer` owns what is not the step itself: the run directory, the model and optimizer
 state on the mesh, resuming from checkpoints, the metrics log, periodic evaluation, and
 exporting the trained policy as a model_dir. `Trainer.step` is `grpo.grpo_step` on the
-current state; read grpo.py for what one step does.
+current state (with --max_staleness or --rollout_devices, the same step on a batch sampled
+ahead: `async_rollout.py`); read grpo.py for what one step does.
 """
 
 from __future__ import annotations
@@ -41,10 +42,11 @@ from vlmgym_model import (
 
 from vlmgym_train import distributed
 from vlmgym_train.advantages import get_advantage
+from vlmgym_train.async_rollout import make_meshes, make_step_runner
 from vlmgym_train.checkpointing import TrainCheckpointer, TrainState, complete_checkpoints
 from vlmgym_train.config import TrainConfig
 from vlmgym_train.errors import make_env
-from vlmgym_train.grpo import DataOrder, StepSetup, grpo_step, train_step
+from vlmgym_train.grpo import DataOrder, StepSetup, train_step
 from vlmgym_train.jsonable import atomic_write_text
 from vlmgym_train.kl_control import KLController
 from vlmgym_train.metrics_log import MetricsLogger, plot_rewards
@@ -98,7 +100,7 @@ class Trainer:
             make_env(cfg.run.test_env_name, cfg.env_kwargs_dict)
         self.run_dir = self._run_dir()
         self.model_dir = self._model_dir()
-        self.mesh = distributed.process_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+        self.mesh, rollout_devices = make_meshes(cfg)  # the second: --rollout_devices
         self.rules = ShardingRules()
         self.param_dtype = _dtype(cfg.optim.param_dtype)
         self.compute_dtype = _dtype(cfg.optim.compute_dtype)
@@ -151,6 +153,7 @@ class Trainer:
             else None
         )
         self.setup = self._step_setup()
+        self.runner = make_step_runner(cfg, self.setup, self.rollout_params, rollout_devices)
         self.nan_streak = 0
         self.unreadable = UnreadableTasks(cfg.run.max_skip_fraction)
         self.history: list[dict[str, float]] = []
@@ -288,7 +291,7 @@ class Trainer:
                 return ref_fn(ref_params, None, micro)
 
         behaviour_logprobs = None
-        if cfg.algorithm.recompute_behaviour_logprobs:
+        if cfg.algorithm.recomputes_logprobs:  # --recompute_behaviour_logprobs, --is_correction
             policy_fn = jax.jit(
                 functools.partial(micro_logprobs, self.view, config=self.config, statics=statics)
             )
@@ -348,7 +351,7 @@ class Trainer:
 
     def step(self, step: int) -> dict[str, float]:
         """One training step (`grpo.grpo_step`) on the current state; returns its metrics."""
-        self.state, metrics = grpo_step(self.setup, self.state, step)
+        self.state, metrics = self.runner.step(self.state, step)
         all_skipped = metrics["skipped"] == self.cfg.updates_per_step
         self.nan_streak = self.nan_streak + 1 if all_skipped else 0
         metrics["lr"] = float(self.lr_schedule(int(self.state.step) - 1))
@@ -397,28 +400,30 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+            self.runner.close()
             self.checkpointer.wait()
         self.finish()
         return self.history
 
     def save(self, step: int, force: bool = False) -> None:
+        position, env_state = self.runner.resume_point(step)  # before the batch of `step`
         self.checkpointer.save(
             step,
             self.state,
-            data_position=self.data.position,
+            data_position=position,
             config=dataclasses.asdict(self.cfg),
-            extra=self._checkpoint_extra(),
+            extra=self._checkpoint_extra(env_state),
             force=force,
         )
 
-    def _checkpoint_extra(self) -> dict[str, Any] | None:
-        """What a checkpoint records besides the state: LoRA's base, the KL controller."""
+    def _checkpoint_extra(self, env_state: dict[str, Any]) -> dict[str, Any] | None:
+        """What a checkpoint records besides the state: LoRA's base, the KL controller,
+        the env's state."""
         extra: dict[str, Any] = {}
         if self.lora_base:
             extra["lora_base"] = self.lora_base
         if self.kl is not None and self.kl.adaptive:
             extra["kl_coef"] = self.kl.coef
-        env_state = self.env.state_dict()
         if env_state:
             extra["env_state"] = env_state
         return extra or None
@@ -440,6 +445,7 @@ class Trainer:
                 num_generation_tokens=self.max_new_tokens,
                 temperature=0.0,
                 seed=cfg.seed,
+                max_turns=cfg.rollout.max_turns,
             ),
             output_dir=self.run_dir / "eval" / f"step_{step:06d}",
         )
