@@ -28,6 +28,14 @@
 #
 # Time: check.py skips sections that cannot finish within --budget_s (400 s) and writes
 # the results file after every section; `timeout` below ends the run at 455 s regardless.
+#
+# Then, on a GPU run only (not --smoke), benchmarks/async_rollouts.py times --max_staleness
+# 0 against 1 (scenarios slow_reward and long_tail on the tiny preset; also real, at the
+# 0.5B shape, when a real-weights model_dir is here: $VLMGYM_ASYNC_MODEL_DIR, else the
+# newest ${VLMGYM_CACHE:-~/.cache/vlmgym}/real-weights/v*/model) and adds its results to
+# the same file under "async_rollouts", after each scenario. Both runs share one `timeout`
+# of 110 s ($VLMGYM_GPU_ASYNC_TIMEOUT_S; 0 skips them), so the script ends within 10 minutes.
+# The exit status is check.py's.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 
@@ -79,4 +87,40 @@ if ! python=$(pick_python); then
     fi
 fi
 echo "gpu check: $python ($("$python" -c 'import sys; print(sys.version.split()[0])'))"
-exec timeout -k 15 "${VLMGYM_GPU_CHECK_TIMEOUT_S:-455}" "$python" benchmarks/gpu/check.py "$@"
+stamp=$(mktemp)  # older than the results file check.py writes
+log=$(mktemp)
+trap 'rm -f "$stamp" "$log"' EXIT
+status=0
+timeout -k 15 "${VLMGYM_GPU_CHECK_TIMEOUT_S:-455}" "$python" benchmarks/gpu/check.py "$@" \
+    | tee "$log" || status=${PIPESTATUS[0]}
+async_s=${VLMGYM_GPU_ASYNC_TIMEOUT_S:-110}
+if [[ $smoke == 1 || $status == 3 || $async_s == 0 ]]; then
+    exit "$status"
+fi
+results=$(sed -n 's/^results: //p' "$log" | tail -n 1)
+if [[ -z $results ]]; then  # check.py was stopped before printing its path: its file
+    results=$(find benchmarks/results -name '*.json' -newer "$stamp" | head -n 1)
+fi
+async_until=$((SECONDS + async_s))
+async_rollouts() {  # benchmarks/async_rollouts.py ARGS..., within what is left of async_s
+    local left=$((async_until - SECONDS))
+    if ((left < 20)); then
+        echo "async rollouts: ${left} s left, skipping $*"
+        return 0
+    fi
+    echo "async rollouts: $* -> ${results:-(no results file)}"
+    timeout -k 10 "$left" "$python" benchmarks/async_rollouts.py "$@" \
+        ${results:+--results "$results"} \
+        || echo "async rollouts: exit status $? (the file keeps the scenarios that finished)"
+}
+async_rollouts --scenario slow_reward,long_tail
+cache=${VLMGYM_CACHE:-$HOME/.cache/vlmgym}
+real_dir=${VLMGYM_ASYNC_MODEL_DIR:-$( (ls -d "$cache"/real-weights/v*/model 2>/dev/null || true) | tail -n 1)}
+if [[ -n $real_dir && -d $real_dir ]]; then
+    # The 0.5B shape at a GPU batch: 8 tasks x 8 samples, 64 new tokens, 20 ms of reward each.
+    async_rollouts --scenario real --model_dir "$real_dir" --groups 8 --group_size 8 \
+        --tokens 64 --sleep_ms 20
+else
+    echo "async rollouts: no real-weights model_dir here (VLMGYM_ASYNC_MODEL_DIR), no 0.5B run"
+fi
+exit "$status"
