@@ -376,6 +376,19 @@ def test_tool_metrics_and_env_metrics_unwrap_the_state():
     assert env.step_metrics(infos)["tool/turns_per_episode"] == pytest.approx(4 / 3)
 
 
+def test_tool_metrics_split_the_env_info_by_whether_a_tool_was_called():
+    infos = [
+        {"tool_calls": 1, "turns": 2, "correct": True, "distance_km": 10.0},
+        {"tool_calls": 2, "turns": 3, "correct": False, "distance_km": float("nan")},
+        {"tool_calls": 0, "turns": 1, "correct": False, "kind": "color"},
+    ]
+    metrics = tool_metrics(infos)
+    assert metrics["tool/called/correct"] == 0.5 and metrics["tool/direct/correct"] == 0.0
+    assert metrics["tool/called/distance_km"] == 10.0  # non-finite values are left out
+    assert not any(k.endswith(("/kind", "/turns", "/tool_calls")) for k in metrics)
+    assert "tool/direct/correct" not in tool_metrics(infos[:2])
+
+
 def test_tool_env_rejects_bad_configuration():
     with pytest.raises(ValueError, match="distinct"):
         ToolEnv(EchoEnv(), make_tools()[:1] * 2)

@@ -29,8 +29,9 @@ Info of every step: the wrapped env's info (final step), plus `tool_calls` (call
 far), `tool_errors` ({kind: count} so far, `tools.ERROR_KINDS`), `turns` (replies so far)
 and, on tool turns, `tool_results` ([{"name", "error", "images": [[w, h], ...]}]).
 `metrics` and `step_metrics` add `tool/call_rate` (share of episodes with a call),
-`tool/calls_per_episode`, `tool/turns_per_episode` and `tool/error_rate` (errors per call)
-to the wrapped env's own.
+`tool/calls_per_episode`, `tool/turns_per_episode`, `tool/error_rate` (errors per call) and
+the wrapped env's info means split by whether the episode called a tool
+(`tool/called/<key>`, `tool/direct/<key>`) to the wrapped env's own.
 """
 
 from __future__ import annotations
@@ -327,7 +328,11 @@ def _number(value: Any) -> float:
 
 def tool_metrics(infos: Sequence[Mapping[str, Any] | None]) -> dict[str, float]:
     """Tool use over episodes' final infos: `tool/call_rate`, `tool/calls_per_episode`,
-    `tool/turns_per_episode`, `tool/error_rate`. Empty for no infos; never raises."""
+    `tool/turns_per_episode`, `tool/error_rate`, and what a call bought: the mean of each of
+    the wrapped env's numeric info values (`correct`, `format_ok`...) over the episodes that
+    called a tool, `tool/called/<key>`, and over those that answered directly,
+    `tool/direct/<key>` (each only when that share is not empty). Empty for no infos; never
+    raises."""
     rows = [info for info in infos if isinstance(info, Mapping)]
     if not rows:
         return {}
@@ -339,9 +344,28 @@ def tool_metrics(infos: Sequence[Mapping[str, Any] | None]) -> dict[str, float]:
         if isinstance(r.get("tool_errors"), Mapping)
     ]
     n = len(rows)
-    return {
+    out = {
         "tool/call_rate": sum(c > 0 for c in calls) / n,
         "tool/calls_per_episode": sum(calls) / n,
         "tool/turns_per_episode": sum(turns) / n,
         "tool/error_rate": sum(errors) / max(sum(calls), 1.0),
     }
+    called = [c > 0 for c in calls]
+    for share, part in (
+        ("called", [r for r, yes in zip(rows, called, strict=True) if yes]),
+        ("direct", [r for r, yes in zip(rows, called, strict=True) if not yes]),
+    ):
+        values: dict[str, list[float]] = {}
+        for r in part:
+            for key, value in r.items():
+                if key not in _TOOL_KEYS and _is_number(value):
+                    values.setdefault(str(key), []).append(float(value))
+        out.update({f"tool/{share}/{k}": sum(v) / len(v) for k, v in values.items()})
+    return out
+
+
+_TOOL_KEYS = frozenset({"tool_calls", "tool_errors", "turns", "tool_results"})
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, bool | int | float) and math.isfinite(value)
