@@ -23,7 +23,7 @@ def tiny(tiny_model_dir):
     return config, params, processor
 
 
-def test_three_turns_withimages_are_token_exact(tiny, tol):
+def test_three_turns_with_images_are_token_exact(tiny, tol):
     config, params, processor = tiny
     sampler = Sampler(config, processor, length_buckets=(64, 128, 256))
     check_token_exact(config, params, sampler, jax.random.key(11), 6, tol["float32"])
@@ -53,7 +53,7 @@ def test_continuation_is_the_templates_rendering(tiny):
     assert batch["image_grid_thw"].shape == (3, 3)
 
 
-def test_replies_withimage_placeholders_end_the_episode(tiny):
+def test_replies_with_image_placeholders_end_the_episode(tiny):
     """A reply holding an image placeholder has no image to give it: the episode ends
     there rather than continue with a prompt the images do not match."""
     from vlmgym_model import Sample
