@@ -10,24 +10,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import vlmgym_envs
+from fixtures.sampled_batch import sampled_batch
 from vlmgym_model import (
     CompletionStatics,
-    Processor,
-    Sampler,
-    SamplingParams,
     compute_logprobs,
-    load_model,
     param_specs,
 )
 from vlmgym_model.lora import LoraConfig, LoraPair, init_adapters
-from vlmgym_train.batch import build_batch
 from vlmgym_train.checkpointing import TrainState
 from vlmgym_train.grpo import train_step
 from vlmgym_train.losses import LossConfig
 from vlmgym_train.microbatch import PolicyView, micro_logprobs, split_micro
 from vlmgym_train.optim import OptimConfig, make_optimizer
-from vlmgym_train.rollout import run_groups
 
 GROUPS, GROUP_SIZE, NEW = 3, 4, 6
 STATICS = CompletionStatics(logprob_chunk=16)
@@ -39,19 +33,11 @@ LR = 1e-4
 
 @pytest.fixture(scope="module")
 def rollout(tiny_model_dir):
-    config, params = load_model(tiny_model_dir, dtype=jnp.float32)
-    sampler = Sampler(config, Processor.from_model_dir(tiny_model_dir), length_buckets=(64,))
-    sp = SamplingParams(max_new_tokens=NEW, temperature=1.0, num_samples=GROUP_SIZE)
-    env = vlmgym_envs.make("shapes")
-    _, turns, _ = run_groups(env, sampler, params, [0, 3, 7], sp, jax.random.key(1))
-    batch = build_batch(config, turns, NEW, sampler.pad_token_id, prompt_slots=GROUPS)
-    rng = np.random.default_rng(0)
-    rows = batch.num_rows
-    batch = dataclasses.replace(
-        batch,
-        advantages=rng.normal(size=rows).astype(np.float32),
-        ref_logp=np.asarray(batch.old_logp) - 0.05 * rng.random((rows, NEW)).astype(np.float32),
+    config, params, batch = sampled_batch(
+        tiny_model_dir, [0, 3, 7], 1, group_size=GROUP_SIZE, new_tokens=NEW
     )
+    jitter = np.random.default_rng(1).random((batch.num_rows, NEW)).astype(np.float32)
+    batch = dataclasses.replace(batch, ref_logp=np.asarray(batch.old_logp) - 0.05 * jitter)
     return config, params, batch
 
 

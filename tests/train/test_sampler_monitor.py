@@ -13,16 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import vlmgym_envs
-from vlmgym_model import CompletionStatics, Processor, Sampler, SamplingParams, load_model
-from vlmgym_train.batch import build_batch
+from fixtures.sampled_batch import sampled_batch
+from vlmgym_model import CompletionStatics
 from vlmgym_train.checkpointing import TrainState
 from vlmgym_train.config import TrainConfig
 from vlmgym_train.grpo import logprob_passes, step_metrics, train_step
 from vlmgym_train.losses import LossConfig
 from vlmgym_train.microbatch import PolicyView, split_micro
 from vlmgym_train.optim import OptimConfig, make_optimizer
-from vlmgym_train.rollout import run_groups
 from vlmgym_train.trainer import Trainer
 
 GROUPS, GROUP_SIZE, NEW = 3, 4, 6
@@ -33,16 +31,10 @@ ON_POLICY_GAP = 1e-4  # the issue's bound for fp32 sampler vs fp32 trainer
 @pytest.fixture(scope="module")
 def rollout(tiny_model_dir):
     """A batch sampled in fp32 by the tiny model, and those params."""
-    config, params = load_model(tiny_model_dir, dtype=jnp.float32)
-    sampler = Sampler(config, Processor.from_model_dir(tiny_model_dir), length_buckets=(64,))
-    sp = SamplingParams(max_new_tokens=NEW, temperature=1.0, num_samples=GROUP_SIZE)
-    env = vlmgym_envs.make("shapes")
-    _, turns, _ = run_groups(env, sampler, params, [1, 4, 5], sp, jax.random.key(2))
-    batch = build_batch(config, turns, NEW, sampler.pad_token_id, prompt_slots=GROUPS)
-    rows = batch.num_rows
-    advantages = np.random.default_rng(0).normal(size=rows).astype(np.float32)
-    batch = dataclasses.replace(batch, advantages=advantages, behaviour_logp=batch.old_logp)
-    return config, params, batch
+    config, params, batch = sampled_batch(
+        tiny_model_dir, [1, 4, 5], 2, group_size=GROUP_SIZE, new_tokens=NEW
+    )
+    return config, params, dataclasses.replace(batch, behaviour_logp=batch.old_logp)
 
 
 def test_monitor_is_zero_on_policy_and_a_true_max_over_micro_batches(rollout):
