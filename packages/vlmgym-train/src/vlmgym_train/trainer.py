@@ -350,7 +350,8 @@ class Trainer:
     # ------------------------------------------------------------------ one step
 
     def step(self, step: int) -> dict[str, float]:
-        """One training step (`grpo.grpo_step`) on the current state; returns its metrics."""
+        """One training step on the current state (`grpo.grpo_step`, or with --max_staleness
+        the same step on a batch sampled ahead by `self.runner`); returns its metrics."""
         self.state, metrics = self.runner.step(self.state, step)
         all_skipped = metrics["skipped"] == self.cfg.updates_per_step
         self.nan_streak = self.nan_streak + 1 if all_skipped else 0
