@@ -129,6 +129,33 @@ def test_multi_turn_rollouts_add_a_row_per_turn(setup):
         assert (batch.trajectory == i).sum() == t.turns
 
 
+def test_equal_later_turn_prompts_are_run_once(setup, tol):
+    """Greedy samples of a group are equal, so their second-turn prompts (turn 1, the reply,
+    the env's message) are too: each group's turn 2 gets one prompt row, shared by its rows,
+    which still reproduce the sampler's log-probs."""
+    config, params, processor, _, _ = setup
+    sampler = Sampler(config, processor, length_buckets=(64, 128))
+    env = vlmgym_envs.make("shapes", max_turns=2)
+    sp = SamplingParams(max_new_tokens=3, temperature=0.0, num_samples=3)
+    key = jax.random.key(5)
+    trajs, turns, _ = run_groups(env, sampler, params, [0, 1, 2], sp, key, max_turns=2)
+    second = sorted({t.group for t in trajs if t.turns == 2})
+    assert second, "no trajectory took a second turn"
+    assert all(sum(t.group == g and t.turns == 2 for t in trajs) == 3 for g in second)
+    batch = build_batch(config, turns, 3, sampler.pad_token_id)
+    assert batch.num_rows == 9 + 3 * len(second)
+    used = np.unique(batch.inputs.row_prompt)
+    assert len(used) == 3 + len(second)  # not 3 + 3 * len(second)
+    for g in second:  # the group's second-turn rows share one prompt
+        rows = [r for r in range(batch.num_rows) if trajs[batch.trajectory[r]].group == g]
+        assert len({int(batch.inputs.row_prompt[r]) for r in rows}) == 2
+    statics = CompletionStatics(logprob_chunk=5)
+    with jax.default_matmul_precision("highest"):
+        logp, _ = compute_logprobs(params, batch.inputs, config=config, statics=statics)
+    m = batch.mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(logp)[m], batch.old_logp[m], atol=tol["float32"])
+
+
 def test_shares_of_a_round_equal_the_whole_round(setup, tol):
     """What two processes roll out (each its share, then exchanged as arrays) equals what
     one process rolls out, sample for sample, over several turns."""

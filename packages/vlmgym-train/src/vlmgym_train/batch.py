@@ -2,7 +2,9 @@
 
 Every sampled turn is a row: R rows of N completion tokens, each continuing one of P
 prompts. The samples of a GRPO group share their prompt row (`CompletionInputs.row_prompt`),
-so the prompt runs through the model once per group, not once per sample. Rows carry
+so the prompt runs through the model once per group, not once per sample; equal prompts of
+later turns (trajectories that drew the same tokens and got the same reply) are run once
+too. Rows carry
 their loss-side arrays (mask, behaviour log-probs, advantages, reference log-probs) and
 per-row info (which trajectory, whether it was cut by the length limit) beside the
 model's inputs, and `slice_rows` cuts a minibatch out of all of them at once.
@@ -11,6 +13,7 @@ model's inputs, and `slice_rows` cuts a minibatch out of all of them at once.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -74,12 +77,27 @@ def _owners(turn: TurnRows, b: int, group_size: int) -> list[int]:
     return [owner + j for j in range(group_size)] if group_size > 1 else [owner]
 
 
+def _prompt_key(gen: Any, b: int, images: tuple[slice, slice]) -> bytes:
+    """A digest of prompt b of a generation: its real tokens, positions and images. Equal
+    keys mean the model sees the same input, so the prompt is run once for all its rows."""
+    real = np.asarray(gen.prompt_mask[b]) > 0
+    digest = hashlib.blake2b(digest_size=20)
+    digest.update(np.ascontiguousarray(gen.prompt_ids[b][real]).tobytes())
+    digest.update(np.ascontiguousarray(gen.prompt_positions[:, b][:, real]).tobytes())
+    grid_slice, patch_slice = images
+    if grid_slice.stop > grid_slice.start:
+        digest.update(np.ascontiguousarray(gen.image_grid_thw[grid_slice]).tobytes())
+        digest.update(np.ascontiguousarray(gen.pixel_values[patch_slice]).tobytes())
+    return digest.digest()
+
+
 class _Rows:
     """Accumulates prompts and completion rows for `build_batch`."""
 
     def __init__(self, prompt_len: int, new_tokens: int, pad_token_id: int) -> None:
         self.T, self.N, self.pad = prompt_len, new_tokens, pad_token_id
         self.p_ids: list[np.ndarray] = []
+        self.p_index: dict[bytes, int] = {}  # `_prompt_key` -> prompt index
         self.p_seg: list[np.ndarray] = []
         self.p_pos: list[np.ndarray] = []
         self.pixels: list[np.ndarray] = []
@@ -91,7 +109,13 @@ class _Rows:
         }
 
     def add_prompt(self, gen: Any, b: int, images: tuple[slice, slice], image_token: int) -> int:
-        """Prompt b of a generation, left-padded to T, with its images; returns its index."""
+        """Prompt b of a generation, left-padded to T, with its images; returns its index.
+        A prompt equal to one already added (same tokens, positions and images) is not
+        added again: its index is returned."""
+        key = _prompt_key(gen, b, images)
+        if key in self.p_index:
+            return self.p_index[key]
+        self.p_index[key] = len(self.p_ids)
         shift = self.T - gen.prompt_ids.shape[1]
         ids = np.full(self.T, self.pad, np.int32)
         ids[shift:] = gen.prompt_ids[b]
@@ -184,7 +208,8 @@ def build_batch(
         (the number of groups per step: every step then compiles to the same shapes).
 
     Turns of a multi-turn rollout may have different prompt buckets; all prompts are
-    left-padded to the longest.
+    left-padded to the longest. Prompts with the same tokens, positions and images are
+    kept once and their rows share it (`_prompt_key`).
     """
     if select is None:
         select = sorted(
