@@ -120,6 +120,23 @@ def test_shapes_zoom_metrics_count_tool_use():
     assert metrics["accuracy"] == 1.0 and metrics["tool/turns_per_episode"] == 1.5
 
 
+def test_shapes_zoom_reports_whether_a_zoom_held_the_mark():
+    env = ShapesZoomEnv(size=8, max_calls=3)
+    phrases = zoom_phrases()
+    for idx in range(4):
+        state, _ = env.reset(idx)
+        q = state.inner.quadrant
+        assert env.step(state, "red").info["saw_mark"] == 0.0  # direct answer
+        elsewhere = env.step(state, phrases[1 + (q + 1) % 4]).state
+        assert env.step(elsewhere, "red").info["saw_mark"] == 0.0
+        for region in (0, 1 + q):  # the whole image, the mark's quadrant
+            seen = env.step(elsewhere, phrases[region]).state
+            assert env.step(seen, "red").info["saw_mark"] == 1.0
+    assert env.step_metrics([env.step(seen, "red").info])["tool/called/saw_mark"] == 1.0
+    whole_only = ShapesZoomEnv(size=4, quadrant_phrases=False)
+    assert whole_only.tool_phrases() == zoom_phrases(quadrants=False) == phrases[:1]
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.text(max_size=200))
 def test_shapes_zoom_never_raises(text):

@@ -19,20 +19,26 @@ A direct answer scores chance at best: 0.1 + 0.9 / 4 = 0.325 (`chance_reward`).
 For tiny word-level models, `tool_phrases()` lists five complete calls (the whole image and
 each quadrant, in Qwen's exact `<tool_call>` format) that such a tokenizer gives one token
 each, as it gives each answer word one token: a random policy then calls zoom as often as it
-says any other word.
+says any other word. With `quadrant_phrases=False` it lists only the whole-image call.
+
+The final step's info adds `saw_mark` (1.0 when a zoom returned a region holding the whole
+mark), so a run shows whether its zooms look in the right place.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from vlmgym_envs.core import StepResult
 from vlmgym_envs.shapes import ANSWER_VOCAB, ShapesConfig, ShapesEnv, ShapesState
-from vlmgym_envs.tool_env import DEFAULT_SYSTEM, ToolEnv
-from vlmgym_envs.tools import format_tool_call
+from vlmgym_envs.tool_env import DEFAULT_SYSTEM, ToolEnv, ToolState
+from vlmgym_envs.tools import ToolCall, format_tool_call, parse_tool_calls
 from vlmgym_envs.zoom import zoom_tool
 
 # Dot colours (multiples of 3, so the ground colour (4 * GREY - dot) / 3 is an integer and
@@ -65,11 +71,13 @@ def ground_color(dot: tuple[int, int, int]) -> tuple[int, int, int]:
     return (r, g, b)
 
 
-def zoom_phrases() -> tuple[str, ...]:
-    """The whole-image and quadrant zoom calls, each exactly as Qwen writes a call."""
+def zoom_phrases(*, quadrants: bool = True) -> tuple[str, ...]:
+    """The whole-image and (with `quadrants`) quadrant zoom calls, each exactly as Qwen
+    writes a call."""
+    regions = PHRASE_REGIONS if quadrants else PHRASE_REGIONS[:1]
     return tuple(
         format_tool_call("zoom", {"x0": x0, "y0": y0, "x1": x1, "y1": y1})
-        for x0, y0, x1, y1 in PHRASE_REGIONS
+        for x0, y0, x1, y1 in regions
     )
 
 
@@ -81,10 +89,12 @@ def answer_vocabulary() -> tuple[str, ...]:
 @dataclass(frozen=True)
 class MarkState(ShapesState):
     """A shapes episode plus where the mark is: its quadrant (0 top-left, 1 top-right,
-    2 bottom-left, 3 bottom-right) and its top-left pixel."""
+    2 bottom-left, 3 bottom-right) and its top-left pixel; `saw_mark`: a zoom call so far
+    returned a region holding the whole mark."""
 
     quadrant: int = 0
     mark_xy: tuple[int, int] = (0, 0)
+    saw_mark: bool = False
 
 
 class ShapesMarkEnv(ShapesEnv):
@@ -161,8 +171,9 @@ class ShapesZoomEnv(ToolEnv):
     max_calls, call_cost, timeout_s, system_prompt: as `ToolEnv`; image_size, view_size,
     mark_blocks: as `ShapesMarkEnv`; zoom_min_side: zoomed regions shorter than this are
     enlarged by an integer factor, nearest neighbour (224 shows a quadrant at 2x, 8 px
-    dots: bigger for a tiny vision tower, at 4x the image tokens); other keywords go to
-    `ShapesConfig` (size, seed, list_options, format_reward, correct_reward).
+    dots: bigger for a tiny vision tower, at 4x the image tokens); quadrant_phrases: list
+    the quadrant calls in `tool_phrases` (else only the whole-image call); other keywords
+    go to `ShapesConfig` (size, seed, list_options, format_reward, correct_reward).
     """
 
     def __init__(
@@ -172,6 +183,7 @@ class ShapesZoomEnv(ToolEnv):
         view_size: int = 28,
         mark_blocks: int = 6,
         zoom_min_side: int = 28,
+        quadrant_phrases: bool = True,
         max_calls: int = 2,
         call_cost: float = 0.0,
         timeout_s: float = 10.0,
@@ -189,8 +201,39 @@ class ShapesZoomEnv(ToolEnv):
             call_cost=call_cost,
             first_view_side=view_size,
             system_prompt=system_prompt,
-            phrases=zoom_phrases(),
+            phrases=zoom_phrases(quadrants=quadrant_phrases),
         )
+        self.image_size = image_size
+        self.mark_side = mark_blocks * inner.block
+
+    def step(self, state: ToolState, text: str) -> StepResult[ToolState]:
+        result = super().step(state, text)
+        mark = state.inner
+        assert isinstance(mark, MarkState)
+        if result.done:
+            return dataclasses.replace(
+                result, info={**result.info, "saw_mark": float(mark.saw_mark)}
+            )
+        new = result.state
+        if new is None or mark.saw_mark or not self._zooms_on_mark(mark, text, result.info):
+            return result
+        seen = dataclasses.replace(new, inner=dataclasses.replace(mark, saw_mark=True))
+        return dataclasses.replace(result, state=seen)
+
+    def _zooms_on_mark(self, mark: MarkState, text: str, info: dict[str, Any]) -> bool:
+        """Whether a zoom call of this turn that ran returned a region holding the mark."""
+        outcomes = info.get("tool_results", [])
+        x, y = mark.mark_xy
+        size, side = self.image_size, self.mark_side
+        for item, outcome in zip(parse_tool_calls(text).items, outcomes, strict=False):
+            if not isinstance(item, ToolCall) or item.name != "zoom" or outcome["error"]:
+                continue
+            a = item.arguments  # the pixel box as `zoom.crop_region` cuts it
+            left, top = math.floor(a["x0"] * size), math.floor(a["y0"] * size)
+            right, bottom = math.ceil(a["x1"] * size), math.ceil(a["y1"] * size)
+            if left <= x and x + side <= right and top <= y and y + side <= bottom:
+                return True
+        return False
 
     def chance_reward(self) -> dict[str, float]:
         """Expected reward of direct answers: a random vocabulary word, a random colour."""
