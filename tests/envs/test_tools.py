@@ -297,6 +297,16 @@ def test_tool_turn_then_final_answer_with_call_cost():
     assert env.step(state, "no").reward == 0.0
 
 
+def test_a_call_bonus_counts_only_calls_that_ran():
+    bonus = ToolEnv(EchoEnv(), make_tools(), call_cost=-0.1, max_calls=4)
+    cost = ToolEnv(EchoEnv(), make_tools(), call_cost=0.1, max_calls=4)
+    for env, expected in ((bonus, 1.0 + 0.1), (cost, 1.0 - 0.2)):
+        state, _ = env.reset(0)
+        made = env.step(state, call("add", a=2, b=3) + "<tool_call>\n{oops\n</tool_call>")
+        assert made.state.calls == 2 and made.state.ran == 1
+        assert env.step(made.state, "yes").reward == pytest.approx(expected)
+
+
 def test_errors_become_text_results_and_counts():
     env = ToolEnv(EchoEnv(), make_tools(), max_calls=10, timeout_s=0.05)
     state, _ = env.reset(0)

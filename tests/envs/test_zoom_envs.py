@@ -166,6 +166,9 @@ def test_tiny_tokenizer_gives_each_phrase_one_token(tmp_path):
         assert tokenizer.decode([*ids, vocab["<|im_end|>"]], skip_special_tokens=True) == phrase
     for word in DOT_COLORS:
         assert len(tokenizer.encode(word).ids) == 1
+    # Qwen's non-special added tokens survive skip_special_tokens, as in Qwen's tokenizer
+    bare = [vocab["<tool_call>"], vocab["red"], vocab["</tool_call>"], vocab["<|im_end|>"]]
+    assert tokenizer.decode(bare, skip_special_tokens=True) == "<tool_call> red </tool_call>"
     # every text the episode shows, tool responses included, is covered
     state, obs = env.reset(3)
     result = env.step(state, phrases[2])

@@ -19,7 +19,8 @@ Episode:
   notice ends the episode whatever it holds.
 - `step` on a reply without `<tool_call>`: the final answer; the wrapped env scores it and
   the reward is its reward minus `call_cost` times the calls made (a negative `call_cost`
-  is a bonus per call, bounded by `max_calls`: a shaping aid for learning from scratch).
+  is a bonus per call that ran without an error, bounded by `max_calls`: a shaping aid for
+  learning from scratch that malformed calls cannot collect).
   A wrapped multi-turn env may continue the episode as it would without tools.
 
 A slow tool cannot be stopped (Python threads cannot be killed): after `timeout_s` the model
@@ -73,6 +74,7 @@ class ToolState:
     inner: the wrapped env's state.
     images: the episode's images at full resolution, for the tools.
     calls: tool calls made so far (malformed ones included).
+    ran: the calls among them that ran without an error.
     turn: replies stepped so far.
     errors: (kind, count) pairs of the errors so far, sorted by kind.
     exhausted: the model was told its budget is used up.
@@ -81,6 +83,7 @@ class ToolState:
     inner: Any
     images: tuple[Image.Image, ...] = ()
     calls: int = 0
+    ran: int = 0
     turn: int = 0
     errors: tuple[tuple[str, int], ...] = ()
     exhausted: bool = False
@@ -97,7 +100,8 @@ class ToolEnv(Env[ToolState]):
     tools: the tools, by distinct names.
     max_calls: calls allowed per episode.
     timeout_s: seconds one call may run.
-    call_cost: subtracted from the final reward per call made.
+    call_cost: subtracted from the final reward per call made; a negative one (a bonus)
+        counts only the calls that ran without an error.
     first_view_side: when set, the longer side of the images first shown.
     system_prompt: the system text when `env` shows none.
     phrases: complete call strings (`tools.format_tool_call`) a tiny word-level tokenizer
@@ -169,7 +173,7 @@ class ToolEnv(Env[ToolState]):
             return self._final(state, text)
         context = ToolContext(images=state.images, state=state.inner)
         errors = state.error_counts()
-        calls = state.calls
+        calls, ran = state.calls, state.ran
         results: list[list[dict[str, Any]]] = []
         summary: list[dict[str, Any]] = []
         for item in parsed.items:
@@ -191,12 +195,14 @@ class ToolEnv(Env[ToolState]):
                 results.append([text_part])
                 summary.append({"name": item.name, "error": outcome.kind, "images": []})
             else:
+                ran += 1
                 sizes = [list(p["image"].size) for p in outcome if p.get("type") == "image"]
                 results.append(outcome)
                 summary.append({"name": item.name, "error": None, "images": sizes})
         new_state = dataclasses.replace(
             state,
             calls=calls,
+            ran=ran,
             turn=state.turn + 1,
             errors=tuple(sorted(errors.items())),
             exhausted=any(e["error"] == "budget" for e in summary),
@@ -230,7 +236,8 @@ class ToolEnv(Env[ToolState]):
         new_state = dataclasses.replace(state, inner=inner, turn=state.turn + 1)
         info = self._info(new_state, result.info)
         if result.done:
-            reward = float(result.reward) - self.call_cost * state.calls
+            counted = state.calls if self.call_cost >= 0 else state.ran
+            reward = float(result.reward) - self.call_cost * counted
             return StepResult(reward, True, info, None, None)
         if result.observation is not None:
             extra = tuple(result.observation.images)

@@ -134,12 +134,11 @@ def write_word_tokenizer(
     tokenizer = Tokenizer(WordLevel(vocab=vocab, unk_token=UNK))
     tokenizer.pre_tokenizer = _pre_tokenizer(pre_tokenizers)
     tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-    tokenizer.add_special_tokens(
-        [
-            AddedToken(content, special=special, normalized=False)
-            for content, special in QWEN_ADDED_TOKENS
-        ]
-    )
+    # `add_special_tokens` marks every token it adds special (decoding with
+    # skip_special_tokens would drop `<tool_call>`), so the non-special ones go to `add_tokens`
+    added = [(AddedToken(c, special=sp, normalized=False), sp) for c, sp in QWEN_ADDED_TOKENS]
+    tokenizer.add_special_tokens([token for token, special in added if special])
+    tokenizer.add_tokens([token for token, special in added if not special])
     tokenizer.add_tokens([AddedToken(p, special=False, normalized=False) for p in phrase_list])
     tokenizer.save(str(directory / "tokenizer.json"))
     configs = {
