@@ -222,10 +222,12 @@ class ShapesZoomEnv(ToolEnv):
 
     def _zooms_on_mark(self, mark: MarkState, text: str, info: dict[str, Any]) -> bool:
         """Whether a zoom call of this turn that ran returned a region holding the mark."""
-        outcomes = info.get("tool_results", [])
+        if "tool_results" not in info:  # not a tool turn
+            return False
         x, y = mark.mark_xy
         size, side = self.image_size, self.mark_side
-        for item, outcome in zip(parse_tool_calls(text).items, outcomes, strict=False):
+        # `ToolEnv.step` summarises every parsed item, in order
+        for item, outcome in zip(parse_tool_calls(text).items, info["tool_results"], strict=True):
             if not isinstance(item, ToolCall) or item.name != "zoom" or outcome["error"]:
                 continue
             a = item.arguments  # the pixel box as `zoom.crop_region` cuts it
