@@ -4,10 +4,9 @@ Every sampled turn is a row: R rows of N completion tokens, each continuing one 
 prompts. The samples of a GRPO group share their prompt row (`CompletionInputs.row_prompt`),
 so the prompt runs through the model once per group, not once per sample; equal prompts of
 later turns (trajectories that drew the same tokens and got the same reply) are run once
-too. Rows carry
-their loss-side arrays (mask, behaviour log-probs, advantages, reference log-probs) and
-per-row info (which trajectory, whether it was cut by the length limit) beside the
-model's inputs, and `slice_rows` cuts a minibatch out of all of them at once.
+too. Rows carry their loss-side arrays (mask, behaviour log-probs, advantages, reference
+log-probs) and per-row info (which trajectory, whether it was cut by the length limit)
+beside the model's inputs, and `slice_rows` cuts a minibatch out of all of them at once.
 """
 
 from __future__ import annotations
